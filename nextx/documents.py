@@ -222,6 +222,5 @@ def iter_raw_samples(paths: list[str]) -> Iterator[dict]:
     """Sequential, deterministic read of raw samples from tar files (no shuffling, no workers)."""
     import webdataset as wds
 
-    for p in paths:
-        for sample in wds.WebDataset(p, shardshuffle=False, empty_check=False):
-            yield sample
+    # tarfile_to_samples, not wds.WebDataset: the latter splits urls by DataLoader worker on its own.
+    yield from wds.tarfile_to_samples()([{"url": p} for p in paths])

@@ -1,0 +1,255 @@
+"""Streaming reading pipeline: WebDataset shards -> documents -> tokens -> packed rows -> Batch (ARCHITECTURE §8).
+
+Named stages over plain values, each testable alone (STYLE §6):
+
+    shard_order     which shards this reader (rank x worker) reads, epoch by epoch: a per-epoch shuffle shared by
+                    all ranks, split by node and worker; with fewer shards than readers, every reader walks all
+                    shards and keeps every (world*workers)-th sample instead, so no sample is read twice
+    raw_samples     tar -> raw sample dicts; unreadable tar members are counted, never raised
+    shuffled        seeded in-memory shuffle buffer over raw samples (cheap: PNG bytes, not tensors)
+    to_segments     Document -> tokenized segments (text ids, ImageTokens); pairs laid out caption->image with
+                    probability t2i_ratio, else image->caption (image as pure context)
+    PackedRows      the IterableDataset tying it together: decode (BadSample -> skip, count, log), tokenize,
+                    layout, pack; counters ride along in every row's `stats`
+
+`build_loader(cfg.data, rank, world_size)` returns the DataLoader of Batches the trainer consumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from nextx.config import DataConfig
+from nextx.documents import BadSample, Document, Image, Text, decode_document, shard_paths
+from nextx.sequence import ImageTokens, Packer, Row, SpecialIds, collate, layout_document
+
+log = logging.getLogger("nextx.data")
+
+
+@dataclass(frozen=True)
+class Reader:
+    """Where this reader sits: rank of world_size processes, worker of n_workers DataLoader workers."""
+
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    n_workers: int = 1
+
+    @property
+    def index(self) -> int:
+        return self.rank * self.n_workers + self.worker
+
+    @property
+    def count(self) -> int:
+        return self.world_size * self.n_workers
+
+
+def shard_order(shards: list[str], reader: Reader, *, seed: int, epoch: int, shuffle: bool,
+                resample: bool) -> tuple[list[str], int]:
+    """Shards this reader reads in `epoch`, and the sample stride (1, or reader.count for sample-level split).
+
+    All readers derive the same epoch permutation from (seed, epoch), so their shard subsets are disjoint and
+    together cover every shard. resample=True draws the reader's shards with replacement instead.
+    """
+    order = list(shards)
+    rng = random.Random(seed * 1_000_003 + epoch)
+    if shuffle:
+        rng.shuffle(order)
+    if len(order) >= reader.count:
+        mine = order[reader.index::reader.count]
+        stride = 1
+    else:  # too few shards to give each reader its own: split by sample instead
+        mine, stride = order, reader.count
+    if resample:
+        rng_r = random.Random((seed * 1_000_003 + epoch) * 7919 + reader.index)
+        mine = rng_r.choices(mine, k=len(mine))
+    return mine, stride
+
+
+class _Counter:
+    """A webdataset error handler that counts and logs, then continues."""
+
+    def __init__(self, stats: dict, key: str):
+        self.stats, self.key = stats, key
+
+    def __call__(self, exn: Exception) -> bool:
+        self.stats[self.key] = self.stats.get(self.key, 0) + 1
+        if self.stats[self.key] <= 5 or self.stats[self.key] % 1000 == 0:
+            log.warning("skipping unreadable shard data (%d so far): %r", self.stats[self.key], exn)
+        return True
+
+
+def raw_samples(path: str, stats: dict) -> Iterator[dict]:
+    """Raw sample dicts (field -> bytes, plus __key__) of one tar, in file order."""
+    import webdataset as wds
+
+    handler = _Counter(stats, "bad_tar")
+    yield from wds.tarfile_to_samples(handler=handler)([{"url": path}])
+
+
+def shuffled(it: Iterator, buffer: int, rng: random.Random) -> Iterator:
+    """Seeded shuffle buffer: fill to `buffer` items, then yield a random one per new item; drain at the end."""
+    if buffer <= 1:
+        yield from it
+        return
+    buf: list = []
+    for x in it:
+        if len(buf) < buffer:
+            buf.append(x)
+            continue
+        i = rng.randrange(buffer)
+        buf[i], x = x, buf[i]
+        yield x
+    rng.shuffle(buf)
+    yield from buf
+
+
+def to_segments(doc: Document, text_tok, image_tok, *, t2i_ratio: float, max_text_tokens: int,
+                use_latents: str, rng: random.Random, stats: dict) -> list:
+    """Document -> tokenized segments for `layout_document` (text -> ids, image -> ImageTokens)."""
+    images = doc.images
+    tokens = _image_tokens(images, image_tok, use_latents, doc.key)
+    out: list = []
+    it = iter(tokens)
+    for seg in doc.segments:
+        if isinstance(seg, Text):
+            ids = text_tok.encode(seg.text)
+            if len(ids) > max_text_tokens:
+                stats["truncated_text"] = stats.get("truncated_text", 0) + 1
+                ids = ids[:max_text_tokens]
+            if ids:
+                out.append(ids)
+        else:
+            out.append(ImageTokens(next(it), image_tok.grid, generate=True))
+    if doc.is_pair() and len(out) == 2 and rng.random() >= t2i_ratio:
+        text_ids, im = out
+        out = [ImageTokens(im.tokens, im.grid, generate=False), text_ids]  # image->caption: image is context
+    return out
+
+
+def _image_tokens(images: list[Image], image_tok, use_latents: str, key: str) -> list[np.ndarray]:
+    """Latent tokens (N, C) per image: pre-encoded ones when allowed and matching, else encoded from pixels."""
+    if not images:
+        return []
+    n, c = image_tok.grid[0] * image_tok.grid[1], image_tok.token_dim
+    out: list[np.ndarray | None] = [None] * len(images)
+    if use_latents != "pixels":
+        for i, im in enumerate(images):
+            if im.latents is not None:
+                if im.latents.shape != (n, c):
+                    raise ValueError(f"{key}: stored latents of shape {im.latents.shape} do not match the image "
+                                     f"tokenizer's ({n}, {c}); re-encode the shards with `nextx data encode`")
+                out[i] = im.latents.astype(np.float32)
+            elif use_latents == "latents":
+                raise ValueError(f"{key}: data.use_latents='latents' but image {im.name!r} has no stored latents; "
+                                 f"run `nextx data encode` or set data.use_latents=auto")
+    todo = [i for i, x in enumerate(out) if x is None]
+    if todo:
+        from nextx.latents import pil_to_tensor
+
+        missing = [images[i] for i in todo if images[i].pixels is None]
+        if missing:
+            raise BadSample(f"{key}: image {missing[0].name!r} has no pixels to encode")
+        with torch.no_grad():
+            x = pil_to_tensor([images[i].pixels for i in todo], image_tok.image_size)
+            enc = image_tok.encode(x).float().numpy()
+        for j, i in enumerate(todo):
+            out[i] = enc[j]
+    return out  # type: ignore[return-value]
+
+
+class PackedRows(torch.utils.data.IterableDataset):
+    """Infinite (loop=True) or single-pass stream of packed Rows for one rank; DataLoader workers split it."""
+
+    def __init__(self, cfg: DataConfig, *, shards: str | None = None, split: str | None = None, rank: int = 0,
+                 world_size: int = 1, loop: bool = True, seed_offset: int = 0):
+        self.cfg = cfg
+        self.paths = shard_paths(shards or cfg.train_shards, split if split is not None else cfg.train_split)
+        self.rank, self.world_size, self.loop, self.seed = rank, world_size, loop, cfg.seed + seed_offset
+        self._tok = None
+
+    def tokenizers(self):
+        """(text tokenizer, image tokenizer), loaded once per process (each worker loads its own copy)."""
+        if self._tok is None:
+            from nextx.latents import load_image_tokenizer
+            from nextx.tokenizer import load_tokenizer
+
+            self._tok = (load_tokenizer(self.cfg.text_tokenizer), load_image_tokenizer(self.cfg.image_tokenizer))
+        return self._tok
+
+    def __iter__(self) -> Iterator[Row]:
+        info = torch.utils.data.get_worker_info()
+        reader = Reader(self.rank, self.world_size, info.id if info else 0, info.num_workers if info else 1)
+        text_tok, image_tok = self.tokenizers()
+        special = SpecialIds.from_tokenizer(text_tok)
+        cfg = self.cfg
+        rng = random.Random(self.seed * 7_368_787 + reader.index)
+        packer = Packer(cfg.row_len, special.pad, cfg.pack_buffer)
+        stats: dict = {}
+        epoch = 0
+        while True:
+            shards, stride = shard_order(self.paths, reader, seed=self.seed, epoch=epoch,
+                                         shuffle=cfg.shard_shuffle, resample=cfg.resample)
+            for sample in shuffled(self._samples(shards, stride, reader, stats), cfg.shuffle_buffer, rng):
+                try:
+                    doc = decode_document(sample, load_pixels=cfg.use_latents == "pixels")
+                    segs = to_segments(doc, text_tok, image_tok, t2i_ratio=cfg.t2i_ratio,
+                                       max_text_tokens=cfg.max_text_tokens, use_latents=cfg.use_latents,
+                                       rng=rng, stats=stats)
+                    if not segs:
+                        raise BadSample(f"{doc.key}: no text or image left after tokenization")
+                    layout = layout_document(segs, special, drop_trailing_clean=cfg.drop_trailing_clean)
+                except BadSample as e:
+                    stats["bad_sample"] = stats.get("bad_sample", 0) + 1
+                    if stats["bad_sample"] <= 5 or stats["bad_sample"] % 1000 == 0:
+                        log.warning("skipping bad sample (%d so far): %s", stats["bad_sample"], e)
+                    continue
+                for row in packer.add(layout):
+                    yield _with_stats(row, stats)
+            epoch += 1
+            if not self.loop:
+                break
+        for row in packer.flush():
+            yield _with_stats(row, stats)
+
+    @staticmethod
+    def _samples(shards: list[str], stride: int, reader: Reader, stats: dict) -> Iterator[dict]:
+        i = 0
+        for path in shards:
+            for sample in raw_samples(path, stats):
+                if stride == 1 or i % stride == reader.index:
+                    yield sample
+                i += 1
+
+
+def _with_stats(row: Row, stats: dict) -> Row:
+    """Move the pipeline counters accumulated since the last row into this row (they are summed downstream)."""
+    row.stats.update(stats)
+    stats.clear()
+    return row
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # workers encode a few images each; oversubscribing 2 cores hurts the trainer
+
+
+def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards: str | None = None,
+                 split: str | None = None, loop: bool = True, num_workers: int | None = None):
+    """DataLoader yielding Batches of cfg.batch_rows packed rows for this rank."""
+    ds = PackedRows(cfg, shards=shards, split=split, rank=rank, world_size=world_size, loop=loop)
+    nw = cfg.num_workers if num_workers is None else num_workers
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_rows, collate_fn=collate, num_workers=nw,
+                                       worker_init_fn=_worker_init if nw else None,
+                                       persistent_workers=nw > 0 and loop, drop_last=loop)
+
+
+def dist_env() -> tuple[int, int]:
+    """(rank, world_size) from the launcher's environment (torchrun, deepspeed, SLURM via torchrun)."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
