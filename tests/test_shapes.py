@@ -1,0 +1,180 @@
+"""Procedural shapes: grammar round trip, splits, determinism, renders, the exact scorer and the shard job."""
+
+import numpy as np
+import pytest
+
+from data_tools.shapes import (GEOMETRY, HELDOUT_PAIRS, HELDOUT_RELATIONS, NP, PALETTE, REL_MARGIN, REL_SLACK,
+                               SHAPES, Background, Caption, Obj, ParseError, Scene, caption_facts, coverage,
+                               format_caption, make_documents, parse_caption, render, sample_caption, sample_scene,
+                               scene_facts)
+from data_tools.shapes import main as shapes_main
+from evals.shapes_score import detect, failures, match, score_caption, score_image, score_objects, selfcheck
+from nextx.documents import decode_document, iter_raw_samples, shard_paths
+
+
+@pytest.fixture(scope="module")
+def train_docs():
+    return list(make_documents(300, seed=1, size=32))
+
+
+def test_round_trip_recovers_the_asserted_facts():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        scene = sample_scene(rng)
+        cap, refs = sample_caption(rng, scene)
+        objects = [o.as_meta() for o in scene.objects]
+        parsed = parse_caption(format_caption(cap))
+        assert parsed == cap
+        asserted = caption_facts(cap, refs)
+        assert asserted <= scene_facts(objects)                        # every asserted fact is true
+        assert caption_facts(parsed, match(parsed, objects)) == asserted  # and the parse recovers exactly them
+        assert sorted(refs) == list(range(len(objects)))               # every object is named once
+
+
+@pytest.mark.parametrize("text", [
+    "a red circle", "an orange star in the center", "a small white ring in the bottom right",
+    "a large black heart and a green cross in the top left",
+    "a yellow diamond, a small purple square and an orange triangle in the middle left",
+    "a blue circle to the right of a large red square", "a red circle below a blue ring"])
+def test_every_form_parses_back(text):
+    assert format_caption(parse_caption(text)) == text
+
+
+@pytest.mark.parametrize("text", [
+    "", "a red circle.", "A red circle", "a orange circle", "an red circle", "a red circle and",
+    "a huge red circle", "a red circle in the top", "a pink circle", "a red circle  and a blue ring",
+    "a red circle, a blue square", "a red circle above a blue ring and a green star",
+    "a red circle and a blue ring and a green star", "red circle", "a red circle in top left",
+    "a red circle, a blue ring, a green star and a black heart"])
+def test_malformed_captions_raise(text):
+    with pytest.raises(ParseError):
+        parse_caption(text)
+
+
+def test_relation_and_facts_mapping():
+    cap = parse_caption("a large red circle to the right of a blue square in the center")
+    assert cap == Caption((NP("red", "circle", "large"), NP("blue", "square", None, "center")), "to the right of")
+    assert caption_facts(cap, (0, 1)) == {("count", 2), ("colour", 0, "red"), ("shape", 0, "circle"),
+                                          ("size", 0, "large"), ("colour", 1, "blue"), ("shape", 1, "square"),
+                                          ("position", 1, "center"), ("relation", 1, "left_of", 0)}
+
+
+def test_shape_areas_and_coverage_are_unbiased():
+    for s in SHAPES:
+        area, _, wh = GEOMETRY[s]
+        cov = coverage(s, (100.0, 100.0), 160.0, (0, 0, 200, 200))
+        assert cov.sum() / 160 ** 2 == pytest.approx(area, rel=0.01)
+        assert max(wh) == pytest.approx(1.0)
+
+
+def test_relations_hold_in_renders(train_docs):
+    seen = 0
+    for d in train_docs:
+        cap = parse_caption(d.texts[0])
+        if not cap.relation:
+            continue
+        seen += 1
+        a, b = (d.meta["objects"][k]["centroid"] for k in d.meta["refs"])
+        gap = {"to the left of": b[0] - a[0], "to the right of": a[0] - b[0], "above": b[1] - a[1],
+               "below": a[1] - b[1]}[cap.relation]
+        assert gap >= REL_MARGIN + REL_SLACK
+        assert score_image(d.images[0].pixels, cap)["relation"] is True  # measured on the pixels too
+    assert seen > 20
+
+
+def test_heldout_pairs_only_in_the_heldout_split():
+    held_pairs, held_rels = set(HELDOUT_PAIRS), set(HELDOUT_RELATIONS)
+    for d in make_documents(1500, seed=2, size=32):
+        assert not {(o["colour"], o["shape"]) for o in d.meta["objects"]} & held_pairs
+        cap = parse_caption(d.texts[0])
+        assert (cap.nps[0].shape, cap.relation) not in held_rels
+    kinds = set()
+    for d in make_documents(40, seed=2, size=32, split="heldout"):
+        kinds.add(d.meta["heldout"])
+        cap = parse_caption(d.texts[0])
+        if d.meta["heldout"] == "pair":
+            assert {(o["colour"], o["shape"]) for o in d.meta["objects"]} & held_pairs
+        else:
+            assert (cap.nps[0].shape, cap.relation) in held_rels
+    assert kinds == {"pair", "relation"}
+
+
+def test_generation_is_deterministic():
+    a, b = (list(make_documents(20, seed=5, size=32, split=s)) for s in ("train", "train"))
+    c = list(make_documents(20, seed=6, size=32))
+    assert [d.texts for d in a] == [d.texts for d in b] and [d.meta for d in a] == [d.meta for d in b]
+    assert all(x.images[0].pixels.tobytes() == y.images[0].pixels.tobytes() for x, y in zip(a, b))
+    assert [d.texts for d in a] != [d.texts for d in c]
+
+
+def _red_circle_scene() -> Scene:
+    obj = Obj("circle", "red", "large", "top left", PALETTE["red"], 0.30, (0.18, 0.19))
+    return Scene((obj,), Background(128, textured=True, wave=(1.0, 0.5, 0.3), noise_seed=1))
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_hand_made_scene_is_detected_exactly(size):
+    (det,) = detect(render(_red_circle_scene(), size))
+    assert (det["colour"], det["shape"], det["size"], det["cell"]) == ("red", "circle", "large", "top left")
+    assert det["centroid"] == pytest.approx([0.18, 0.19], abs=0.01)
+    assert det["extent"] == pytest.approx(0.30, abs=0.015)
+    img = render(_red_circle_scene(), size)
+    assert score_image(img, "a large red circle in the top left")["all_correct"]
+    wrong = {"a large blue circle in the top left": "colour", "a small red circle": "size",
+             "a large red square": "shape", "a red circle in the center": "position"}
+    for text, fact in wrong.items():  # one wrong fact each: only that fact fails
+        r = score_image(img, text)
+        assert r[fact] is False and not r["all_correct"]
+        assert all(r[t] in (True, None) for t in ("count", "colour", "shape", "size", "position") if t != fact)
+    r = score_image(img, "a red circle and a blue square")  # the blue square is missing: its facts fail too
+    assert (r["count"], r["colour"], r["shape"], r["n_correct"]["colour"]) == (False, False, False, 1)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_selfcheck_truth_perfect_shuffled_at_chance(size):
+    r = selfcheck(100, size, seed=3, heldout_n=20)
+    assert failures(r, tol=0.03) == []
+    assert min(r["t2i_truth"]["accuracy"].values()) >= 0.99 and r["t2i_truth"]["all_correct"] >= 0.99
+    assert r["t2i_shuffled"]["all_correct"] < 0.1 and r["t2i_shuffled"]["accuracy"]["colour"] < 0.4
+    assert r["caption_truth"]["f1"] == 1.0 and r["caption_shuffled"]["f1"] < 0.5
+
+
+def test_caption_precision_recall_by_hand():
+    truth = [{"colour": "red", "shape": "circle", "size": "large", "cell": "top left", "centroid": [0.2, 0.2]},
+             {"colour": "blue", "shape": "square", "size": "small", "cell": "bottom right", "centroid": [0.8, 0.8]}]
+    ref = "a large red circle and a blue square"  # 6 facts: count, red, circle, large, blue, square
+    # green is wrong; the position is true but the truth caption does not assert it: P = 6/7, R = 5/6.
+    r = score_caption("a large green circle in the top left and a blue square", truth, ref)
+    assert (r["precision"], r["recall"]) == pytest.approx((6 / 7, 5 / 6))
+    assert r["f1"] == pytest.approx(60 / 71)
+    # A true relation but no size: P = 6/6; recall misses "large": R = 5/6.
+    r = score_caption("a red circle above a blue square", truth, ref)
+    assert (r["precision"], r["recall"]) == pytest.approx((1.0, 5 / 6))
+    assert score_caption("a red circle below a blue square", truth, ref)["precision"] == pytest.approx(5 / 6)
+    assert score_caption(ref, truth, ref)["f1"] == 1.0
+    assert score_caption("a red circle.", truth, ref) | {"truth": None} == {
+        "precision": 0.0, "recall": 0.0, "f1": 0.0, "parsed": False, "gen": {}, "gen_true": {}, "truth": None,
+        "recalled": {}}
+    # an extra NP that matches nothing: its colour and shape are false and the count is wrong
+    r = score_objects("a red circle, a blue square and a green star", truth)
+    assert r["count"] is False and r["colour"] is False and r["n_correct"]["colour"] == 2
+
+
+def _members(out_dir, split):
+    return [(s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")})
+            for s in iter_raw_samples(shard_paths(out_dir, split))]
+
+
+def test_shard_job_end_to_end(tmp_path, capsys):
+    args = ["--n", "30", "--size", "32", "--heldout-n", "6", "--max-per-shard", "8", "--seed", "4"]
+    assert shapes_main(["--out", str(tmp_path / "a")] + args) == 0
+    assert "train: 30 docs in 4 shard(s)" in capsys.readouterr().out
+    assert len(shard_paths(tmp_path / "a", "train")) == 4 and len(shard_paths(tmp_path / "a", "heldout")) == 1
+    docs = [decode_document(s) for s in iter_raw_samples(shard_paths(tmp_path / "a", "train"))]
+    assert len(docs) == 30 and all(d.is_pair() and d.images[0].pixels.size == (32, 32) for d in docs)
+    for d in docs:
+        assert score_image(d.images[0].pixels, d.texts[0])["all_correct"]  # truth travels intact in the shards
+    # Tar headers carry the write time, so shards are not byte-identical; every member is.
+    assert shapes_main(["--out", str(tmp_path / "b")] + args) == 0
+    for split in ("train", "heldout"):
+        assert _members(tmp_path / "a", split) == _members(tmp_path / "b", split)
