@@ -183,7 +183,7 @@ def write_shards(docs: Iterable[Document], out_dir: str | os.PathLike, *, split:
                 writer.close()
             name = SHARD_PATTERN.format(split=split, index=len(shards))
             shards.append(name)
-            writer = wds.TarWriter(str(out / name))
+            writer = wds.TarWriter(str(out / name), mtime=0)  # fixed mtime: same input -> byte-identical tar
         writer.write(encode_document(doc))
         n_docs += 1
         n_images += len(doc.images)
