@@ -1,0 +1,526 @@
+"""NextX: one decoder-only transformer for the next text token and the next image (ARCHITECTURE §3-4).
+
+    out = model(ids, kind, pos, pos2d, latents, img, t, s, mask)    # -> ModelOutput(text_logits, latent_out, past)
+
+Legend: B rows, L tokens (Lq this call's queries, Lk keys incl. the cache), D = d_model, H query heads, Hkv key/value
+heads, hd = D / H, C latent channels, V vocabulary, n_img images of the batch, P = hd / 2 rotary frequency pairs.
+
+Inputs. TEXT/PAD tokens embed their id (one table); CLEAN and NOISE tokens embed their latent through one linear map
+C -> D (x on CLEAN, x_t on NOISE), plus a fixed 2D sin-cos table of (row, col) when `pos2d == "sincos"`. The latents
+of other tokens are zeroed first, so whatever the caller leaves there (even NaN) cannot leak into values or grads.
+
+Blocks are Llama blocks (pre-RMSNorm in fp32, GQA attention without biases, rotate-half RoPE, SwiGLU), so a local
+Hugging Face Llama checkpoint loads without any permutation (`load_hf_llama`) and text logits match `transformers`.
+
+Time (IMM.md: the network is conditioned on c_noise(t) = 1000 t and on 1000 (t - s)). Per image, in fp32 with autocast
+off: sinusoidal features (time_freq_dim, max period 1e4, computed in fp64) of each, each into its own
+Linear-SiLU-Linear MLP, summed -> e (n_img, D). Every block turns SiLU(e) into (shift, scale, gate) x {attn, mlp}
+with one zero-initialised Linear, computed per IMAGE and gathered to the NOISE tokens only:
+
+    h = norm(x) * (1 + scale) + shift;   x = x + (1 + gate) * attn(h)        (same for the MLP)
+
+Every other token gets no modulation at all (the rows are never touched: `_modulate` index-copies the NOISE rows),
+so TEXT/CLEAN tokens run exactly a Llama block, and at init (zero modulation) so do NOISE tokens. A final
+(shift, scale) modulation, also zero-initialised, precedes the latent head. Only the NOISE rows are gathered and
+multiplied, so the conditioning costs O(n_noise * D) memory per block, not O(B * L * D).
+
+Positions (ARCHITECTURE §3). `pos` is the 1D RoPE position of every token (an image's noise and clean copies
+share one slot). `pos2d`:
+  * "rope"   multimodal RoPE. The P frequency pairs are split into three sections, interleaved with period 4:
+             pair i belongs to row if i % 4 == 1, col if i % 4 == 3, else to the 1D (temporal) section — half/
+             quarter/quarter. Interleaving (as in Qwen3-VL's MRoPE, instead of Qwen2-VL's contiguous chunks) gives
+             each axis both high and low frequencies, so small in-image offsets still rotate visibly. A text token
+             uses `pos` in every section (text-only RoPE IS standard 1D RoPE: HF parity); an image token uses pos
+             (temporal), pos + row (row pairs) and pos + col (col pairs).
+  * "sincos" a fixed 2D sin-cos table of (row, col) (D/2 channels each, MAE/DiT-style), scaled by init_std so it is
+             on the scale of the latent and token embeddings at init, added to the latent embedding.
+  * "none"   no 2D position.
+
+Heads. Final RMSNorm; LM head D -> V (`text_mask` selects the rows: logits (n_sel, V) flattened in row-major
+order, matching `targets[text_mask]`); latent head D -> C, zero-initialised, whose output is the raw G of the
+Euler-FM parameterisation (the objective forms f = x_t - (t - s) sigma_d G).
+
+KV cache. `past` is a list with one (k, v) per layer, each (B, Hkv, L_past, hd), keys after RoPE. With
+`use_cache=True` the output's `past` is past + this call's keys/values (concatenated on the length axis); with
+`use_cache=False` it is None and the caller's list is untouched, which is how IMM refinement steps read the
+prefix without appending the noise split (then the clean split is run once with use_cache=True). The mask
+always covers all keys: (B, 1, Lq, L_past + Lq) for sdpa, a BlockMask of KV_LEN L_past + Lq for flex.
+
+Init. Linear and embedding weights ~ N(0, init_std); the output projections of attention (o_proj) and MLP
+(down_proj) ~ N(0, init_std / sqrt(2 n_layers)) (GPT-2: each block adds two residual branches, so the residual
+variance stays O(1) in depth); RMSNorm weights 1; the modulation Linears and the latent head zero; biases zero.
+The RoPE inverse frequencies are a persistent fp32 buffer (`rope_inv_freq`), so a checkpoint keeps a loaded
+Llama-3 frequency scaling even when the model is rebuilt from the plain ModelConfig.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nextx.config import ModelConfig
+from nextx.masks import block_mask, dense_mask, flex_attention_compiled, require_xformers
+from nextx.sequence import CLEAN, NOISE, TEXT
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ModelOutput:
+    """text_logits (B, L, V), or (n_sel, V) when a text_mask was given; latent_out (B, L, C) (raw G, meaningful on
+    NOISE tokens); past: the per-layer (k, v) list after this call when use_cache=True, else None."""
+
+    text_logits: torch.Tensor
+    latent_out: torch.Tensor
+    past: list[KV] | None = None
+
+
+def ffn_width(cfg: ModelConfig) -> int:
+    """SwiGLU hidden width: cfg.ffn_hidden, or the Llama rule 8/3 D rounded up to a multiple of ffn_multiple."""
+    if cfg.ffn_hidden:
+        return cfg.ffn_hidden
+    m = cfg.ffn_multiple
+    return m * math.ceil(int(8 * cfg.d_model / 3) / m)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Small pieces
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, computed in fp32 and returned in x's dtype (as Llama)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """(P,) fp32 inverse frequencies theta^(-2i/hd) of the P = hd/2 rotary pairs, with optional Llama-3 scaling.
+
+    Llama-3 ("llama3") scaling keeps wavelengths shorter than ctx/high_freq_factor, divides those longer than
+    ctx/low_freq_factor by `factor`, and interpolates linearly in ctx/wavelength in between (Llama 3.1 report)."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind != "llama3":
+        raise ValueError(f"RoPE scaling {kind!r} is not implemented (supported: none/default, llama3)")
+    factor, lo, hi = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    ctx = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    smooth = ((ctx / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)    # 0: long wavelength (scaled), 1: short (kept)
+    return (1 - smooth) * inv / factor + smooth * inv
+
+
+def rope_section(n_pairs: int) -> torch.Tensor:
+    """(P,) int section of each rotary pair for multimodal RoPE: 0 temporal (1D), 1 row, 2 col (see docstring)."""
+    i = torch.arange(n_pairs)
+    return torch.where(i % 4 == 1, 1, torch.where(i % 4 == 3, 2, 0))
+
+
+def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, offsets: torch.Tensor | None = None):
+    """pos (B, L) int -> cos, sin (B, 1, L, hd) fp32 in the rotate-half layout (angle i at i and i + P).
+
+    offsets (B, L, P) int, optional: per-pair position offsets (multimodal RoPE row/col sections)."""
+    p = pos.float()[..., None]                                           # (B, L, 1)
+    if offsets is not None:
+        p = p + offsets.float()                                          # (B, L, P)
+    ang = p * inv_freq.float()                                           # (B, L, P)
+    emb = torch.cat([ang, ang], dim=-1)[:, None]                         # (B, 1, L, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, h, L, hd): pairs (x_i, x_{i+P}) rotated by angle i (HF Llama's rotate_half convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rot = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
+
+
+def sincos_2d(pos2d: torch.Tensor, dim: int) -> torch.Tensor:
+    """(…, 2) int (row, col) -> (…, dim) fp32: [sin(row w), cos(row w), sin(col w), cos(col w)],
+    w_j = 1e4^(-j / (dim/4)). Computed from the positions, so any image size works (no table to outgrow)."""
+    q = dim // 4
+    w = torch.exp(-math.log(1e4) * torch.arange(q, dtype=torch.float64, device=pos2d.device) / q)
+    r = pos2d[..., 0:1].double() * w
+    c = pos2d[..., 1:2].double() * w
+    return torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=-1).float()
+
+
+def time_features(x: torch.Tensor, dim: int, max_period: float = 1e4) -> torch.Tensor:
+    """(n,) values (already scaled, e.g. 1000 t) -> (n, dim) fp32 [cos(x w), sin(x w)], w_j = max_period^(-j/(dim/2)),
+    computed in fp64 (1000 t reaches ~1e3 rad, where fp32 phases would be off by ~1e-4)."""
+    half = dim // 2
+    w = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device=x.device) / half)
+    a = x.double()[:, None] * w[None]
+    return torch.cat([a.cos(), a.sin()], dim=-1).float()
+
+
+def _mlp(d_in: int, d: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d), nn.SiLU(), nn.Linear(d, d))
+
+
+def _modulate(h: torch.Tensor, nz: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """Rows nz of h (B, L, D) (flat token indices of the NOISE tokens) -> h * (1 + scale) + shift (fp32 math);
+    every other row is returned untouched. shift, scale: (n_noise, D). Out of place (autograd-safe)."""
+    flat = h.reshape(-1, h.shape[-1])                                    # (B*L, D)
+    sel = flat.index_select(0, nz).float() * (1 + scale)
+    if shift is not None:
+        sel = sel + shift
+    return flat.index_copy(0, nz, sel.to(flat.dtype)).view_as(h)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.backend = cfg.attention
+        d = cfg.d_model
+        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, past: KV | None):
+        B, L, _ = x.shape
+        q = self.q_proj(x).view(B, L, self.n_heads, self.hd).transpose(1, 2)   # (B, H, L, hd)
+        k = self.k_proj(x).view(B, L, self.n_kv, self.hd).transpose(1, 2)      # (B, Hkv, L, hd)
+        v = self.v_proj(x).view(B, L, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k = torch.cat([past[0].to(k.dtype), k], dim=2)                    # (B, Hkv, Lk, hd)
+            v = torch.cat([past[1].to(v.dtype), v], dim=2)
+        gqa = self.n_heads != self.n_kv
+        if self.backend == "flex":
+            y = flex_attention_compiled()(q, k, v, block_mask=mask, enable_gqa=gqa)
+        elif self.backend == "xformers":
+            y = _xformers_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, L, self.n_heads * self.hd)           # (B, L, D)
+        return self.o_proj(y), (k, v)
+
+
+def _xformers_attention(q, k, v, mask):
+    """xformers memory-efficient attention with the dense bool mask as an additive bias (optional backend;
+    untested here: no xformers build matches our torch, DEPS.md)."""
+    import xformers.ops as xops
+
+    H, Hkv = q.shape[1], k.shape[1]
+    k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    B, _, Lq, Lk = mask.shape
+    pad = -Lk % 8                                                         # xformers wants an 8-aligned bias stride
+    bias = torch.zeros(B, H, Lq, Lk + pad, dtype=q.dtype, device=q.device)
+    bias[..., :Lk].masked_fill_(~mask, float("-inf"))
+    y = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        attn_bias=bias[..., :Lk])
+    return y.transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.d_model, ffn_width(cfg)
+        self.gate_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Llama block + per-image adaLN modulation of the NOISE tokens (identity elsewhere, and at init)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.ada = nn.Linear(cfg.d_model, 6 * cfg.d_model)                      # SiLU(e) -> 6 x (n_img, D)
+
+    def forward(self, x, cos, sin, mask, past: KV | None, cond):
+        """cond: None (no NOISE token), or (silu_e (n_img, D) fp32, nz (n_noise,) flat token index, ni (n_noise,)
+        image index of each NOISE token)."""
+        h = self.input_layernorm(x)
+        if cond is None:
+            a, kv = self.self_attn(h, cos, sin, mask, past)
+            x = x + a
+            return x + self.mlp(self.post_attention_layernorm(x)), kv
+        silu_e, nz, ni = cond
+        with torch.autocast(x.device.type, enabled=False):                    # time path in fp32
+            mod = self.ada(silu_e.to(self.ada.weight.dtype)).float()[ni]       # (n_noise, 6D), per image then gathered
+        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
+        a, kv = self.self_attn(_modulate(h, nz, sh1, sc1), cos, sin, mask, past)
+        x = x + _modulate(a, nz, None, g1)
+        m = self.mlp(_modulate(self.post_attention_layernorm(x), nz, sh2, sc2))
+        return x + _modulate(m, nz, None, g2), kv
+
+
+# --------------------------------------------------------------------------------------------------------
+# The model
+
+
+class NextX(nn.Module):
+    """Decoder-only transformer: text tokens and latent image tokens in, text logits and latent G out.
+
+    cfg.vocab_size may be 0 (filled from `vocab_size`) or must equal `vocab_size`. `rope_scaling`: an HF Llama
+    rope-scaling dict (None or llama3), normally set only by `load_hf_llama`."""
+
+    def __init__(self, cfg: ModelConfig, *, vocab_size: int, latent_dim: int, rope_scaling: dict | None = None):
+        super().__init__()
+        cfg.check()
+        if cfg.vocab_size not in (0, vocab_size):
+            raise ValueError(f"model.vocab_size={cfg.vocab_size} disagrees with vocab_size={vocab_size}")
+        if vocab_size <= 0 or latent_dim <= 0:
+            raise ValueError(f"vocab_size and latent_dim must be > 0, got {vocab_size}, {latent_dim}")
+        if cfg.attention == "xformers":
+            require_xformers()
+        self.cfg = replace(cfg, vocab_size=vocab_size)
+        self.vocab_size, self.latent_dim = vocab_size, latent_dim
+        d = cfg.d_model
+        self.embed_tokens = nn.Embedding(vocab_size, d)
+        self.latent_in = nn.Linear(latent_dim, d)
+        self.time_mlp = _mlp(cfg.time_freq_dim, d)          # features of c_noise(t) = 1000 t
+        self.gap_mlp = _mlp(cfg.time_freq_dim, d)           # features of 1000 (t - s)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(d, cfg.norm_eps)
+        self.final_ada = nn.Linear(d, 2 * d)                # SiLU(e) -> (shift, scale) before the latent head
+        self.lm_head = nn.Linear(d, vocab_size, bias=False)
+        self.latent_head = nn.Linear(d, latent_dim)
+        self.register_buffer("rope_inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, rope_scaling))
+        self.register_buffer("rope_section", rope_section(cfg.head_dim // 2), persistent=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def reset_parameters(self) -> None:
+        std, n = self.cfg.init_std, self.cfg.n_layers
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+        for blk in self.layers:
+            nn.init.normal_(blk.self_attn.o_proj.weight, 0.0, std / math.sqrt(2 * n))
+            nn.init.normal_(blk.mlp.down_proj.weight, 0.0, std / math.sqrt(2 * n))
+            nn.init.zeros_(blk.ada.weight), nn.init.zeros_(blk.ada.bias)
+        for m in (self.final_ada, self.latent_head):
+            nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
+
+    # ---- forward pieces
+
+    def _embed(self, ids, kind, pos2d, latents):
+        is_img = ((kind == CLEAN) | (kind == NOISE))[..., None]                       # (B, L, 1)
+        if latents.shape[-1] != self.latent_dim:
+            raise ValueError(f"latents have {latents.shape[-1]} channels, the model expects {self.latent_dim}")
+        lat = torch.where(is_img, latents, torch.zeros((), dtype=latents.dtype, device=latents.device))
+        z = self.latent_in(lat.to(self.latent_in.weight.dtype))                       # (B, L, D)
+        if self.cfg.pos2d == "sincos":
+            z = z + self.cfg.init_std * sincos_2d(pos2d, self.cfg.d_model).to(z.dtype)
+        tok = self.embed_tokens(ids)                                                  # (B, L, D)
+        return torch.where(is_img, z.to(tok.dtype), tok)      # residual stream stays in the weights' dtype (fp32)
+
+    def _time(self, t, s):
+        """t, s (n_img,) -> SiLU(e) (n_img, D) fp32, e = MLP_t(feat(1000 t)) + MLP_gap(feat(1000 (t - s)))."""
+        with torch.autocast(t.device.type, enabled=False):
+            t64, s64 = t.double(), s.double()
+            dt = self.time_mlp[0].weight.dtype
+            e = (self.time_mlp(time_features(1000 * t64, self.cfg.time_freq_dim).to(dt))
+                 + self.gap_mlp(time_features(1000 * (t64 - s64), self.cfg.time_freq_dim).to(dt)))
+            return F.silu(e.float())
+
+    def _rope(self, pos, pos2d, kind):
+        offsets = None
+        if self.cfg.pos2d == "rope":
+            is_img = ((kind == CLEAN) | (kind == NOISE))[..., None]                   # (B, L, 1)
+            sec = self.rope_section                                                    # (P,)
+            rc = torch.where(is_img, pos2d.long(), 0)                                  # (B, L, 2)
+            offsets = torch.where(sec == 1, rc[..., 0:1], torch.where(sec == 2, rc[..., 1:2], 0))  # (B, L, P)
+        return rope_cos_sin(pos, self.rope_inv_freq, offsets)
+
+    def forward(self, ids, kind, pos, pos2d, latents, img, t, s, mask, *, past: list[KV] | None = None,
+                use_cache: bool = False, text_mask: torch.Tensor | None = None) -> ModelOutput:
+        """ids, kind, pos, img (B, L) int; pos2d (B, L, 2) int; latents (B, L, C) float; t, s (n_img,) float;
+        mask: (B, 1, L, L_past + L) bool for sdpa/xformers, a BlockMask for flex; past: see module docstring;
+        text_mask (B, L) bool: compute logits only there -> (n_sel, V)."""
+        if past is not None and len(past) != len(self.layers):
+            raise ValueError(f"past has {len(past)} layers, the model {len(self.layers)}")
+        if isinstance(mask, torch.Tensor):
+            lk = ids.shape[1] + (past[0][0].shape[2] if past is not None else 0)
+            if mask.dim() != 4 or mask.shape[-2:] != (ids.shape[1], lk):
+                raise ValueError(f"mask must be (B, 1, {ids.shape[1]}, {lk}) (queries x cached+new keys), "
+                                 f"got {tuple(mask.shape)}")
+        x = self._embed(ids, kind, pos2d, latents)                                    # (B, L, D)
+        cos, sin = self._rope(pos, pos2d, kind)                                       # (B, 1, L, hd) each
+        noise = (kind == NOISE).reshape(-1)
+        nz = noise.nonzero().squeeze(1)                                               # (n_noise,) flat indices
+        cond = None
+        if nz.numel():
+            ni = img.reshape(-1)[nz].long()                                           # (n_noise,) image of each
+            cond = (self._time(t, s), nz, ni)
+        ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
+        new_past = []
+        for i, blk in enumerate(self.layers):
+            p = past[i] if past is not None else None
+            if ckpt:
+                x, kv = checkpoint(blk, x, cos, sin, mask, p, cond, use_reentrant=False)
+            else:
+                x, kv = blk(x, cos, sin, mask, p, cond)
+            if use_cache:
+                new_past.append(kv)
+        h = self.norm(x)
+        if cond is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                mod = self.final_ada(cond[0].to(self.final_ada.weight.dtype)).float()[cond[2]]  # (n_noise, 2D)
+            shift, scale = mod.chunk(2, dim=-1)
+            h = _modulate(h, nz, shift, scale)                                        # NOISE rows only
+        logits = self.lm_head(h[text_mask] if text_mask is not None else h)          # (n_sel or B, [L,] V)
+        return ModelOutput(text_logits=logits, latent_out=self.latent_head(h), past=new_past if use_cache else None)
+
+    # ---- helpers
+
+    def text_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Text-only causal forward: input_ids (B, L) at positions 0..L-1 -> logits (B, L, V)."""
+        B, L = input_ids.shape
+        dev = input_ids.device
+        kind = torch.full((B, L), TEXT, dtype=torch.int8, device=dev)
+        doc = torch.zeros(B, L, dtype=torch.int32, device=dev)
+        split = torch.full((B, L), -1, dtype=torch.int32, device=dev)
+        mask = (block_mask(doc, kind, split, n_heads=None) if self.cfg.attention == "flex"
+                else dense_mask(doc, kind, split))
+        pos = torch.arange(L, device=dev).expand(B, L)
+        empty = torch.zeros(0, device=dev)
+        lat = torch.zeros(B, L, self.latent_dim, device=dev)
+        return self(input_ids, kind, pos, torch.zeros(B, L, 2, dtype=torch.int32, device=dev), lat,
+                    torch.full((B, L), -1, device=dev), empty, empty, mask).text_logits
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters; exclude_embeddings drops the token-embedding table (a lookup) unless it is tied to
+        the LM head (then it is a matmul and counts)."""
+        n = sum(p.numel() for p in self.parameters())   # parameters() yields a tied weight once
+        if exclude_embeddings and not self.cfg.tie_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 n_layers D seq_len, N without
+        the embedding lookup. The attention term counts the full L x L score matrix (no causal/mask discount), the
+        usual MFU convention."""
+        return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * self.cfg.n_layers * self.cfg.d_model * seq_len
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hugging Face Llama import
+
+
+def _hf_rope(hc) -> tuple[float, dict | None]:
+    """(rope_theta, scaling dict or None) from a transformers config (v5 `rope_parameters` or v4 fields)."""
+    rp = getattr(hc, "rope_parameters", None)
+    if isinstance(rp, dict) and "rope_theta" in rp:
+        theta, scaling = float(rp["rope_theta"]), rp
+    else:
+        theta, scaling = float(getattr(hc, "rope_theta", 10000.0)), getattr(hc, "rope_scaling", None)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) or "default"
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"RoPE scaling type {kind!r} is not implemented (supported: none/default, llama3)")
+    return theta, (dict(scaling) if kind == "llama3" else None)
+
+
+def _read_hf_state(path: Path) -> dict[str, torch.Tensor]:
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        sd = {}
+        for f in files:
+            sd.update(load_file(str(f)))
+        return sd
+    files = sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors or pytorch_model*.bin weights")
+    sd = {}
+    for f in files:
+        sd.update(torch.load(f, map_location="cpu", weights_only=True))
+    return sd
+
+
+def load_hf_llama(path, *, latent_dim: int = 16, **overrides) -> NextX:
+    """A LOCAL Hugging Face Llama checkpoint dir (config.json + safetensors or pytorch_model.bin) -> NextX in fp32.
+
+    The ModelConfig comes from the checkpoint (d_model, n_layers, n_heads, n_kv_heads, ffn_hidden, rope_theta,
+    norm_eps, tie_embeddings, vocab_size), then `overrides` (any ModelConfig field, e.g. vocab_size larger than the
+    checkpoint's: the extra rows of the embedding / LM head keep their fresh N(0, init_std) init; pos2d; attention).
+    Text-path weights are copied; latent/time/modulation parts stay freshly initialised. No network access.
+    """
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path}: not a Hugging Face checkpoint dir (no config.json)")
+    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    if model_type != "llama":
+        raise ValueError(f"{path}: model_type is {model_type!r}, load_hf_llama reads only 'llama' checkpoints")
+    from transformers import AutoConfig
+
+    hc = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    d, nh = hc.hidden_size, hc.num_attention_heads
+    if getattr(hc, "head_dim", None) not in (None, d // nh):
+        raise ValueError(f"{path}: head_dim={hc.head_dim} != hidden_size/num_attention_heads={d // nh} (unsupported)")
+    if getattr(hc, "attention_bias", False) or getattr(hc, "mlp_bias", False) or hc.hidden_act != "silu":
+        raise ValueError(f"{path}: attention/mlp biases or hidden_act={hc.hidden_act!r} are not supported")
+    theta, scaling = _hf_rope(hc)
+    base = dict(d_model=d, n_layers=hc.num_hidden_layers, n_heads=nh,
+                n_kv_heads=getattr(hc, "num_key_value_heads", None) or nh, ffn_hidden=hc.intermediate_size,
+                vocab_size=hc.vocab_size, rope_theta=theta, norm_eps=hc.rms_norm_eps,
+                tie_embeddings=bool(getattr(hc, "tie_word_embeddings", False)), hf_init=str(path))
+    unknown = set(overrides) - {f.name for f in fields(ModelConfig)}
+    if unknown:
+        raise ValueError(f"unknown ModelConfig override(s): {sorted(unknown)}")
+    cfg = ModelConfig(**{**base, **overrides})
+    if cfg.vocab_size < hc.vocab_size:
+        raise ValueError(f"vocab_size={cfg.vocab_size} is smaller than the checkpoint's {hc.vocab_size}")
+    for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "rope_theta"):
+        if getattr(cfg, k) != base[k]:
+            raise ValueError(f"override {k}={getattr(cfg, k)} contradicts the checkpoint ({base[k]})")
+    model = NextX(cfg, vocab_size=cfg.vocab_size, latent_dim=latent_dim, rope_scaling=scaling)
+
+    sd = {k.removeprefix("model."): v for k, v in _read_hf_state(path).items()}
+    if "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]          # tied checkpoints store only the embedding
+    ours = dict(model.named_parameters(remove_duplicate=False))
+    names = ["embed_tokens.weight", "norm.weight", "lm_head.weight"]
+    for i in range(cfg.n_layers):
+        names += [f"layers.{i}.{m}.weight" for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                     "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                     "mlp.down_proj", "input_layernorm", "post_attention_layernorm")]
+    missing = [n for n in names if n not in sd]
+    if missing:
+        raise KeyError(f"{path}: checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    with torch.no_grad():
+        for n in names:
+            if n == "lm_head.weight" and cfg.tie_embeddings:
+                continue                                           # shares embed_tokens.weight
+            src, dst = sd[n], ours[n]
+            dst[: src.shape[0]].copy_(src.to(dst.dtype))           # rows beyond the checkpoint's vocab stay fresh
+    return model

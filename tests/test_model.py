@@ -1,0 +1,384 @@
+"""NextX model: shapes on a packed batch, HF Llama parity, mask/modulation correctness, KV cache, checkpointing,
+bf16, 2D positions, a learning step. CPU, tiny dims."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from nextx.config import ModelConfig
+from nextx.masks import block_mask, dense_mask, xformers_available
+from nextx.model import ModelOutput, NextX, load_hf_llama, rope_section
+from nextx.sequence import CLEAN, IGNORE, NOISE, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
+
+SP = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
+V, C = 50, 6
+
+
+def tiny_cfg(**kw) -> ModelConfig:
+    base = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, time_freq_dim=16, ffn_hidden=64)
+    return ModelConfig(**{**base, **kw})
+
+
+def perturb_zero_init(model: NextX, std: float = 0.05, seed: int = 0) -> NextX:
+    """Give the zero-initialised parts (modulation, latent head) random values so tests can see them act."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ada" in name or "latent_head" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def image(h, w, generate=True, seed=0):
+    return ImageTokens(np.random.default_rng(seed).normal(0, 0.5, (h * w, C)).astype(np.float32), (h, w), generate)
+
+
+def packed_batch():
+    """2 rows: [caption->image (clean kept) + text-only doc], [image->caption + caption->image (clean dropped)]."""
+    d1 = layout_document([[5, 6, 7], image(2, 2, seed=1), [8, 9]], SP)
+    d2 = layout_document([[10, 11]], SP)
+    d3 = layout_document([image(2, 3, generate=False, seed=2), [12, 13, 14]], SP)
+    d4 = layout_document([[15], image(2, 2, seed=3)], SP)
+    L = 32
+    b = collate([pack_row([d1, d2], L, SP.pad), pack_row([d3, d4], L, SP.pad)])
+    mask = dense_mask(b.doc, b.kind, b.split)
+    return b, mask
+
+
+def run(model, b, mask, latents=None, t=None, s=None, **kw) -> ModelOutput:
+    n = b.n_images
+    t = torch.linspace(0.2, 0.9, n) if t is None else t
+    s = t * 0.5 if s is None else s
+    return model(b.ids, b.kind, b.pos, b.pos2d, b.latents if latents is None else latents, b.img, t, s, mask, **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return perturb_zero_init(NextX(tiny_cfg(), vocab_size=V, latent_dim=C)).eval()
+
+
+@torch.no_grad()
+def test_shapes_on_a_packed_batch(model):
+    b, mask = packed_batch()
+    B, L = b.ids.shape
+    out = run(model, b, mask)
+    assert out.text_logits.shape == (B, L, V) and out.latent_out.shape == (B, L, C) and out.past is None
+    tm = b.targets != IGNORE
+    sel = run(model, b, mask, text_mask=tm)
+    assert sel.text_logits.shape == (int(tm.sum()), V)
+    torch.testing.assert_close(sel.text_logits, out.text_logits[tm], rtol=0, atol=1e-6)
+    assert torch.isfinite(out.text_logits).all() and torch.isfinite(out.latent_out).all()
+
+
+def test_zero_init_heads_and_modulation():
+    m = NextX(tiny_cfg(), vocab_size=V, latent_dim=C)
+    with torch.no_grad():
+        assert all(float(p.abs().max()) == 0 for n, p in m.named_parameters() if "ada" in n or "latent_head" in n)
+        b, mask = packed_batch()
+        assert float(run(m, b, mask).latent_out.abs().max()) == 0.0
+
+
+# ---- HF Llama parity
+
+
+def _hf_dir(tmp_path, tie=False, theta=10000.0, rope_scaling=None, vocab=100, bin_format=False):
+    transformers = pytest.importorskip("transformers")
+    kw = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=160, vocab_size=vocab, rms_norm_eps=1e-5, tie_word_embeddings=tie)
+    rp = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": theta}
+    hc = transformers.LlamaConfig(**kw, rope_parameters=rp)
+    torch.manual_seed(1)
+    hf = transformers.LlamaForCausalLM(hc).eval()
+    with torch.no_grad():  # non-trivial norms, so a swapped norm would show
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    if bin_format:
+        for f in tmp_path.glob("*.safetensors"):
+            f.unlink()
+        torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    return hf
+
+
+@pytest.mark.parametrize("tie,theta,scaling,bin_format", [
+    (False, 10000.0, None, False), (True, 10000.0, None, False), (False, 500000.0, None, True),
+    (False, 10000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16}, False)])
+def test_hf_llama_parity(tmp_path, tie, theta, scaling, bin_format):
+    hf = _hf_dir(tmp_path, tie, theta, scaling, bin_format=bin_format)
+    ours = load_hf_llama(tmp_path, latent_dim=C).eval()
+    assert ours.cfg.tie_embeddings == tie and ours.cfg.rope_theta == theta
+    ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = ours.text_logits(ids)
+        diff = float((hf(ids).logits - got).abs().max())          # HF's default (sdpa) attention
+        hf.set_attn_implementation("eager")
+        diff_eager = float((hf(ids).logits - got).abs().max())    # HF's eager softmax(QK^T)V
+    print(f"\nHF Llama parity (tie={tie}, rope_theta={theta}, scaling={scaling and scaling['rope_type']}, "
+          f"{'bin' if bin_format else 'safetensors'}): max abs logit diff {diff:.2e} (vs HF eager {diff_eager:.2e})")
+    assert diff <= 1e-4 and diff_eager <= 1e-4
+
+
+def test_hf_vocab_override_grows_embedding(tmp_path):
+    hf = _hf_dir(tmp_path, tie=False)
+    ours = load_hf_llama(tmp_path, latent_dim=C, vocab_size=112, pos2d="sincos").eval()
+    assert ours.embed_tokens.weight.shape == (112, 64) and ours.lm_head.weight.shape == (112, 64)
+    torch.testing.assert_close(ours.embed_tokens.weight[:100], hf.model.embed_tokens.weight, rtol=0, atol=0)
+    assert float(ours.embed_tokens.weight[100:].detach().std()) > 0  # fresh rows, not zeros
+    ids = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        assert float((hf(ids).logits - ours.text_logits(ids)[..., :100]).abs().max()) <= 1e-4
+    tied = _hf_dir(tmp_path / "tied", tie=True)
+    m = load_hf_llama(tmp_path / "tied", vocab_size=120)
+    assert m.lm_head.weight is m.embed_tokens.weight and m.embed_tokens.weight.shape[0] == 120
+    torch.testing.assert_close(m.embed_tokens.weight[:100], tied.model.embed_tokens.weight, rtol=0, atol=0)
+
+
+def test_hf_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        load_hf_llama(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(ValueError, match="gpt2"):
+        load_hf_llama(tmp_path)
+    d = tmp_path / "yarn"
+    _hf_dir(d, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match="linear"):
+        load_hf_llama(d)
+    d = tmp_path / "ok"
+    _hf_dir(d)
+    with pytest.raises(ValueError, match="smaller"):
+        load_hf_llama(d, vocab_size=50)
+
+
+# ---- mask and modulation correctness
+
+
+@torch.no_grad()
+def test_noise_tokens_are_invisible_and_conditioned(model):
+    b, mask = packed_batch()
+    noise = b.kind == NOISE
+    base = run(model, b, mask)
+    lat = b.latents.clone()
+    lat[noise] = torch.randn_like(lat[noise])
+    t = torch.rand(b.n_images)
+    moved = run(model, b, mask, latents=lat, t=t, s=t * 0.1)
+    keep = ~noise & (b.kind != 0)
+    assert float((base.text_logits[keep] - moved.text_logits[keep]).abs().max()) == 0.0
+    assert float((base.latent_out[keep] - moved.latent_out[keep]).abs().max()) == 0.0
+    # the noise outputs do depend on t alone (latents fixed), and on s alone
+    t2 = torch.linspace(0.2, 0.9, b.n_images).flip(0)
+    other_t = run(model, b, mask, t=t2, s=torch.linspace(0.2, 0.9, b.n_images) * 0.5)
+    assert float((base.latent_out[noise] - other_t.latent_out[noise]).abs().min()) > 0
+    other_s = run(model, b, mask, s=torch.zeros(b.n_images))
+    assert float((base.latent_out[noise] - other_s.latent_out[noise]).abs().max()) > 1e-4
+    # ignored latents (text/pad) cannot leak, even as NaN
+    lat = b.latents.clone()
+    lat[b.kind == TEXT] = float("nan")
+    out = run(model, b, mask, latents=lat)
+    assert torch.equal(out.text_logits, base.text_logits) and torch.equal(out.latent_out, base.latent_out)
+
+
+@torch.no_grad()
+def test_modulation_is_per_image(model):
+    b, mask = packed_batch()
+    noise = b.kind == NOISE
+    base = run(model, b, mask)
+    t = torch.linspace(0.2, 0.9, b.n_images)
+    t[0] = 0.05  # change only image 0's time
+    out = run(model, b, mask, t=t, s=torch.linspace(0.2, 0.9, b.n_images) * 0.5)
+    img0 = noise & (b.img == 0)
+    assert float((out.latent_out[img0] - base.latent_out[img0]).abs().max()) > 1e-4
+    assert torch.equal(out.latent_out[noise & ~img0], base.latent_out[noise & ~img0])
+
+
+# ---- KV cache
+
+
+def _sub(b, idx):
+    return (b.ids[:, idx], b.kind[:, idx], b.pos[:, idx], b.pos2d[:, idx], b.latents[:, idx], b.img[:, idx])
+
+
+@pytest.mark.parametrize("pos2d", ["rope", "sincos"])
+def test_kv_cache_matches_full_forward(pos2d):
+    torch.manual_seed(3)
+    m = perturb_zero_init(NextX(tiny_cfg(pos2d=pos2d), vocab_size=V, latent_dim=C)).eval()
+    d = layout_document([[5, 6, 7], image(2, 2, seed=4), [8, 9, 10]], SP, drop_trailing_clean=False)
+    b = collate([pack_row([d], len(d), SP.pad)])
+    mask = dense_mask(b.doc, b.kind, b.split)
+    t, s = torch.tensor([0.7]), torch.tensor([0.3])
+    kind = b.kind[0]
+    L = len(d)
+    boi = int((kind == NOISE).nonzero()[0]) - 1
+    pre = torch.arange(boi + 1)
+    noi = (kind == NOISE).nonzero().squeeze(1)
+    rest = torch.arange(int(noi[-1]) + 1, L)
+    with torch.no_grad():
+        full = m(*_sub(b, torch.arange(L)), t, s, mask)
+        p = m(*_sub(b, pre), t, s, mask[:, :, pre][:, :, :, pre], use_cache=True)
+        assert len(p.past) == 2 and p.past[0][0].shape == (1, 2, len(pre), 8)
+        # refinement: the noise split reads the cache, does not append
+        keys = torch.cat([pre, noi])
+        z = m(*_sub(b, noi), t, s, mask[:, :, noi][:, :, :, keys], past=p.past)
+        assert z.past is None
+        # then the clean split and the text after it, appended, in two calls (one block, then token by token)
+        cut = int(rest[0]) + 4                                              # after the clean split
+        a_idx, keys = rest[rest < cut], torch.cat([pre, rest[rest < cut]])
+        a = m(*_sub(b, a_idx), t, s, mask[:, :, a_idx][:, :, :, keys], past=p.past, use_cache=True)
+        past, outs = a.past, [a]
+        for q in rest[rest >= cut].tolist():
+            keys = torch.cat([keys, torch.tensor([q])])
+            o = m(*_sub(b, torch.tensor([q])), t, s, mask[:, :, [q]][:, :, :, keys], past=past, use_cache=True)
+            past, outs = o.past, outs + [o]
+    assert past[0][0].shape[2] == len(pre) + len(rest)
+    err = max(float((full.text_logits[:, pre] - p.text_logits).abs().max()),
+              float((full.latent_out[:, noi] - z.latent_out).abs().max()),
+              float((full.text_logits[:, rest] - torch.cat([o.text_logits for o in outs], 1)).abs().max()),
+              float((full.latent_out[:, rest] - torch.cat([o.latent_out for o in outs], 1)).abs().max()))
+    assert err < 1e-5, err
+    with pytest.raises(ValueError, match="mask must be"):
+        m(*_sub(b, noi), t, s, mask[:, :, noi][:, :, :, noi], past=p.past)
+
+
+# ---- training-time features
+
+
+def _dummy_loss(out: ModelOutput, b) -> torch.Tensor:
+    tm = b.targets != IGNORE
+    ce = torch.nn.functional.cross_entropy(out.text_logits[tm].float(), b.targets[tm])
+    noise = b.kind == NOISE
+    return ce + (out.latent_out[noise].float() - 0.3).pow(2).mean()
+
+
+def test_activation_checkpointing_same_grads():
+    torch.manual_seed(4)
+    a = perturb_zero_init(NextX(tiny_cfg(), vocab_size=V, latent_dim=C)).train()
+    c = NextX(tiny_cfg(activation_checkpointing=True), vocab_size=V, latent_dim=C).train()
+    c.load_state_dict(a.state_dict())
+    b, mask = packed_batch()
+    for m in (a, c):
+        _dummy_loss(run(m, b, mask), b).backward()
+    for (n, pa), pc in zip(a.named_parameters(), c.parameters()):
+        assert pa.grad is not None, n
+        torch.testing.assert_close(pa.grad, pc.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_bf16_autocast_forward_and_backward():
+    torch.manual_seed(5)
+    m = perturb_zero_init(NextX(tiny_cfg(), vocab_size=V, latent_dim=C)).train()
+    b, mask = packed_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(m, b, mask)
+        loss = _dummy_loss(out, b)
+    assert out.text_logits.dtype == torch.bfloat16
+    assert torch.isfinite(out.text_logits.float()).all() and torch.isfinite(out.latent_out.float()).all()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert m.layers[0].ada.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("pos2d", ["rope", "sincos", "none"])
+def test_pos2d_variants(pos2d):
+    torch.manual_seed(6)
+    m = perturb_zero_init(NextX(tiny_cfg(pos2d=pos2d), vocab_size=V, latent_dim=C)).eval()
+    ref = NextX(tiny_cfg(pos2d="none"), vocab_size=V, latent_dim=C).eval()
+    ref.load_state_dict(m.state_dict())
+    b, mask = packed_batch()
+    with torch.no_grad():
+        out = run(m, b, mask)
+        assert torch.isfinite(out.latent_out).all()
+        ids = torch.randint(0, V, (2, 10))
+        # text-only input: every variant is plain 1D RoPE
+        torch.testing.assert_close(m.text_logits(ids), ref.text_logits(ids), rtol=0, atol=0)
+        # inside an image: swapping two clean tokens' (row, col) changes outputs iff there is a 2D position
+        pos2d_t = b.pos2d.clone()
+        clean = (b.kind[0] == CLEAN).nonzero().squeeze(1)
+        pos2d_t[0, clean[0]], pos2d_t[0, clean[-1]] = b.pos2d[0, clean[-1]], b.pos2d[0, clean[0]]
+        moved = m(b.ids, b.kind, b.pos, pos2d_t, b.latents, b.img, torch.full((b.n_images,), 0.5),
+                  torch.full((b.n_images,), 0.2), mask)
+        base = m(b.ids, b.kind, b.pos, b.pos2d, b.latents, b.img, torch.full((b.n_images,), 0.5),
+                 torch.full((b.n_images,), 0.2), mask)
+    changed = float((moved.text_logits - base.text_logits).abs().max()) > 1e-6
+    assert changed == (pos2d != "none")
+
+
+def test_rope_sections():
+    sec = rope_section(16)
+    assert (sec == 0).sum() == 8 and (sec == 1).sum() == 4 and (sec == 2).sum() == 4
+
+
+def test_gradient_step_reduces_loss():
+    torch.manual_seed(7)
+    m = NextX(tiny_cfg(), vocab_size=V, latent_dim=C).train()
+    b, mask = packed_batch()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(5):
+        loss = _dummy_loss(run(m, b, mask), b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.9, losses
+
+
+@torch.no_grad()
+def test_helpers_and_init():
+    cfg = tiny_cfg(ffn_hidden=0, n_layers=3)
+    m = NextX(cfg, vocab_size=V, latent_dim=C)
+    assert m.layers[0].mlp.gate_proj.out_features == 128       # 8/3 * 32 = 85 -> 128 (multiple of 64)
+    n, n_emb = m.num_params(), m.num_params(exclude_embeddings=True)
+    assert n - n_emb == V * 32
+    assert m.flops_per_token(64) == 6 * n_emb + 12 * 3 * 32 * 64
+    o_std = float(torch.cat([blk.self_attn.o_proj.weight.flatten() for blk in m.layers]).std())
+    assert abs(o_std - 0.02 / 6 ** 0.5) < 0.002
+    tied = NextX(tiny_cfg(tie_embeddings=True), vocab_size=V, latent_dim=C)
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    assert tied.num_params(exclude_embeddings=True) == tied.num_params()
+    with pytest.raises(ValueError, match="vocab_size"):
+        NextX(tiny_cfg(vocab_size=10), vocab_size=V, latent_dim=C)
+    copy.deepcopy(m)  # plain module: deep-copyable (EMA)
+
+
+def _flex_vs_sdpa(device):
+    torch.manual_seed(8)
+    a = perturb_zero_init(NextX(tiny_cfg(), vocab_size=V, latent_dim=C)).to(device)
+    f = NextX(tiny_cfg(attention="flex"), vocab_size=V, latent_dim=C).to(device)
+    f.load_state_dict(a.state_dict())
+    b, mask = packed_batch()
+    b = b.to(device)
+    outs = [run(a, b, mask.to(device)), run(f, b, block_mask(b.doc, b.kind, b.split))]
+    return outs, b, (a, f)
+
+
+@pytest.mark.slow  # one torch.compile of flex_attention on CPU: ~20 s on 2 cores
+def test_flex_backend_matches_sdpa_cpu():
+    with torch.no_grad():
+        (ref, out), _, _ = _flex_vs_sdpa("cpu")
+    assert float((ref.latent_out - out.latent_out).abs().max()) < 1e-5
+    assert float((ref.text_logits - out.text_logits).abs().max()) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_flex_backend_matches_sdpa_gpu_with_grads():
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        outs, b, models = _flex_vs_sdpa("cuda")
+        for o, m in zip(outs, models):
+            _dummy_loss(o, b).backward()
+        assert float((outs[0].latent_out - outs[1].latent_out).abs().max()) < 1e-4
+        for (n, pa), pf in zip(models[0].named_parameters(), models[1].parameters()):
+            torch.testing.assert_close(pa.grad, pf.grad, rtol=1e-3, atol=1e-5, msg=n)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+@pytest.mark.skipif(bool(xformers_available()), reason="xformers is available here")
+def test_xformers_backend_fails_clearly():
+    with pytest.raises(RuntimeError, match="xformers"):
+        NextX(tiny_cfg(attention="xformers"), vocab_size=V, latent_dim=C)
