@@ -35,7 +35,10 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
     },
     "eval": {
         "shapes-selfcheck": ("evals.shapes_score:main", "scorer self-check: ground truth vs shuffled captions"),
+        "shapes": ("evals.shapes_eval:main", "held-out shapes prompts: fact accuracy per step count, captions"),
+        "overfit": ("evals.overfit:main", "learning proof: overfit 8 shapes images, generate and caption them back"),
     },
+    "train": {"": ("nextx.train:main", "train a model: CONFIG [key=value ...] (torchrun/deepspeed launchable)")},
     "config": {"": ("nextx.cli:print_config", "print the resolved config: CONFIG [key=value ...]")},
     "demo": {"": ("nextx.demo:main", "the main job end to end on built-in data (see README)")},
 }

@@ -193,6 +193,7 @@ class PackedRows(torch.utils.data.IterableDataset):
         rng = random.Random(self.seed * 7_368_787 + reader.index)
         packer = Packer(cfg.row_len, special.pad, cfg.pack_buffer)
         stats: dict = {}
+        n_bad = 0
         epoch = 0
         while True:
             shards, stride = shard_order(self.paths, reader, seed=self.seed, epoch=epoch,
@@ -208,8 +209,9 @@ class PackedRows(torch.utils.data.IterableDataset):
                     layout = layout_document(segs, special, drop_trailing_clean=cfg.drop_trailing_clean)
                 except BadSample as e:
                     stats["bad_sample"] = stats.get("bad_sample", 0) + 1
-                    if stats["bad_sample"] <= 5 or stats["bad_sample"] % 1000 == 0:
-                        log.warning("skipping bad sample (%d so far): %s", stats["bad_sample"], e)
+                    n_bad += 1  # `stats` is emptied into every row; this one counts for the log lines
+                    if n_bad <= 5 or n_bad % 1000 == 0:
+                        log.warning("skipping bad sample (%d so far in this reader): %s", n_bad, e)
                     continue
                 for row in packer.add(layout):
                     yield _with_stats(row, stats)

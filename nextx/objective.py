@@ -1,0 +1,226 @@
+"""Training objectives on a packed Batch: text cross-entropy + IMM (or the flow-matching baseline) -> (loss, parts).
+
+ARCHITECTURE §5 and IMM.md §4-5. The objective owns every random draw (times, noise, CFG dropout); the model only
+maps a batch to `(text_logits, latent_out)`.
+
+IMM, step by step (legend: B rows, L tokens, C latent channels, N tokens of one image, M particles per group):
+  1. CFG dropout: with probability `cfg_drop` a document holding a generated image loses its text condition: its
+     text tokens (not the layout specials) become `<pad>` with the same layout and positions, and its text
+     targets are ignored. At sampling, the unconditional prompt is built the same way (`empty_prompt`), so it has
+     the conditional prompt's length and positions and both run in one batched forward.
+  2. Times: generated images (those with a noise split) in batch order form groups of M consecutive images that
+     share (s, r, t) (IMM.md §4 "(b m)" layout); t, s ~ `imm.sample_t_s`, r = `imm.r_of(s, t)`.
+  3. One ε ~ N(0, σ_d²) per noise token; x_t = α_t x + σ_t ε and x_r = α_r x + σ_r ε (same ε, IMM.md §1).
+  4. Online pass (grad): y = f(x_t, s, t) = x_t − (t − s)·σ_d·G_θ on the noise tokens.
+  5. Target pass (no grad, fp32, current weights, only the rows holding noise tokens, same dropped text):
+     ŷ = f(x_r, s, r) = x_r − (r − s)·σ_d·G_θ⁻.
+  6. Per group: `imm.mmd_loss(y, ŷ, t, s)` (Laplace-kernel V-statistic × w(s, t)); image loss = mean over groups.
+Text: CE over text targets, normalised by their count. Loss = λ_text·CE + λ_image·image loss.
+
+Flow baseline (`objective.kind: flow`): per image t ~ U(eps, T), x_t = (1 − t)x + tε, and σ_d·G regresses the
+velocity ε − x (so the Euler step x_s = x_t − (t − s)·σ_d·G is the same update the IMM parameterisation uses);
+the model sees s = t (t − s = 0) in training and sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from nextx import imm
+from nextx.config import ObjectiveConfig
+from nextx.masks import block_mask, dense_mask
+from nextx.sequence import IGNORE, NOISE, TEXT, Batch, SpecialIds
+
+
+def attention_mask(batch: Batch, backend: str, n_heads: int | None = None):
+    """The attention mask of a packed batch for the model's backend: dense (B, 1, L, L) bool, or a BlockMask."""
+    if backend == "flex":
+        return block_mask(batch.doc, batch.kind, batch.split, n_heads=n_heads, _compile=batch.doc.is_cuda)
+    return dense_mask(batch.doc, batch.kind, batch.split)
+
+
+def empty_prompt(ids: torch.Tensor, kind: torch.Tensor, special: SpecialIds) -> torch.Tensor:
+    """(…, L) ids -> the same ids with every TEXT token that is not a layout special replaced by `<pad>`.
+
+    The unconditional ("empty") prompt of classifier-free guidance, with the conditional prompt's layout."""
+    specials = torch.tensor([special.bos, special.eos, special.boi, special.eoi], device=ids.device)
+    is_cond = (kind == TEXT) & ~torch.isin(ids, specials)
+    return torch.where(is_cond, torch.full_like(ids, special.pad), ids)
+
+
+def cfg_dropout(batch: Batch, p: float, special: SpecialIds, generator: torch.Generator | None) -> tuple[Batch, int]:
+    """Drop the text condition of each document that holds a noise split with probability p.
+
+    Returns the new batch (ids and targets replaced in dropped documents) and the number of dropped documents."""
+    if p <= 0:
+        return batch, 0
+    B = batch.ids.shape[0]
+    n_docs = int(batch.doc.max()) + 1 if batch.doc.numel() else 0
+    if n_docs == 0:
+        return batch, 0
+    has_noise = torch.zeros(B, n_docs, dtype=torch.bool, device=batch.ids.device)
+    noise = batch.kind == NOISE
+    rows, cols = noise.nonzero(as_tuple=True)
+    has_noise[rows, batch.doc[rows, cols].long()] = True
+    u = torch.rand(B, n_docs, generator=generator, device="cpu").to(batch.ids.device)
+    drop_doc = has_noise & (u < p)                                                   # (B, n_docs)
+    doc = batch.doc.long().clamp(min=0)
+    drop_tok = torch.gather(drop_doc, 1, doc) & (batch.doc >= 0)                     # (B, L)
+    ids = torch.where(drop_tok, empty_prompt(batch.ids, batch.kind, special), batch.ids)
+    targets = torch.where(drop_tok, torch.full_like(batch.targets, IGNORE), batch.targets)
+    return replace(batch, ids=ids, targets=targets), int(drop_doc.sum())
+
+
+def _image_times(batch: Batch, cfg: ObjectiveConfig, generator: torch.Generator | None):
+    """Per-image (t, s, r) of shape (n_img,) float64 (0 for context images) and the generated-image groups.
+
+    Returns t, s, r and `groups`: a list of index tensors, each M (or fewer, for the last) generated images."""
+    n_img = batch.n_images
+    gen = batch.image_generate.nonzero(as_tuple=True)[0].cpu()                        # (n_gen,)
+    t = torch.zeros(n_img, dtype=torch.float64)
+    s, r = t.clone(), t.clone()
+    groups = list(torch.split(gen, cfg.group_size)) if len(gen) else []
+    if not groups:
+        return t, s, r, groups
+    if cfg.kind == "flow":
+        tg, _ = imm.sample_t_s(len(gen), T=cfg.T, eps=cfg.eps, mode=cfg.time_sampling, generator=generator)
+        t[gen] = tg
+        s[gen] = tg
+        r[gen] = tg
+        return t, s, r, groups
+    tg, sg = imm.sample_t_s(len(groups), T=cfg.T, eps=cfg.eps, mode=cfg.time_sampling, generator=generator)
+    rg = imm.r_of(sg, tg, k=cfg.k, min_gap=cfg.min_gap, T=cfg.T, eps=cfg.eps)
+    for g, idx in enumerate(groups):
+        t[idx], s[idx], r[idx] = tg[g], sg[g], rg[g]
+    return t, s, r, groups
+
+
+def _per_token(x_img: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+    """(n_img,) per-image values -> (B, L) per-token values (0 where img < 0)."""
+    if x_img.numel() == 0:
+        return torch.zeros(img.shape, dtype=x_img.dtype, device=img.device)
+    return torch.where(img >= 0, x_img.to(img.device)[img.long().clamp(min=0)], torch.zeros((), dtype=x_img.dtype,
+                                                                                                   device=img.device))
+
+
+def _forward(model, batch: Batch, latents: torch.Tensor, t: torch.Tensor, s: torch.Tensor, mask, text_mask):
+    return model(batch.ids, batch.kind, batch.pos, batch.pos2d, latents, batch.img, t, s, mask, text_mask=text_mask)
+
+
+def _gather_images(v: torch.Tensor, noise: torch.Tensor, grids: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
+    """Noise-token values (B, L, C) -> (n_gen, N, C) per generated image, in batch image order.
+
+    Row-major flattening of (B, L) visits images in their batch-global index order, and each image's noise
+    split lists its N tokens in grid order, so a boolean select then a reshape recovers the images."""
+    sel = v[noise]                                                                    # (n_gen * N, C)
+    hw = grids[gen].prod(dim=1)
+    if len(hw) and not bool((hw == hw[0]).all()):
+        raise ValueError("IMM groups need images of one size in a batch; got token counts "
+                         f"{sorted(set(hw.tolist()))} (use one image tokenizer resolution per run)")
+    n = int(hw[0]) if len(hw) else 0
+    return sel.reshape(len(gen), n, sel.shape[-1])
+
+
+def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds, *, attention: str = "sdpa",
+                 n_heads: int | None = None, generator: torch.Generator | None = None):
+    """One training loss on a packed batch. Returns `(loss, parts)`; parts are floats for logging.
+
+    batch: a Batch on the model's device (latents hold the clean x on CLEAN and NOISE tokens).
+    generator: a CPU torch.Generator for all random draws (times, CFG dropout); noise uses it too, on CPU, so a
+    run is reproducible across devices.
+    """
+    device = batch.ids.device
+    batch, n_dropped = cfg_dropout(batch, cfg.cfg_drop, special, generator)
+    mask = attention_mask(batch, attention, n_heads)
+    noise_tok = batch.kind == NOISE                                                   # (B, L)
+    gen = batch.image_generate.nonzero(as_tuple=True)[0]
+    t, s, r, groups = _image_times(batch, cfg, generator)
+
+    x = batch.latents                                                                 # (B, L, C)
+    eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device) * cfg.sigma_d
+    t_tok = _per_token(t, batch.img).unsqueeze(-1)                                    # (B, L, 1) float64
+    a_t, s_t = imm.alpha_sigma(t_tok)
+    x_t = torch.where(noise_tok.unsqueeze(-1), (a_t * x.double() + s_t * eps.double()).float(), x)
+
+    text_mask = batch.targets != IGNORE
+    out = _forward(model, batch, x_t, t.float().to(device), s.float().to(device), mask, text_mask)
+    n_targets = int(text_mask.sum())
+    if n_targets:
+        ce = F.cross_entropy(out.text_logits.float(), batch.targets[text_mask], reduction="sum") / n_targets
+    else:
+        ce = out.latent_out.sum() * 0.0
+    parts = {"ce": float(ce.detach()), "text_targets": n_targets, "images": int(len(gen)), "cfg_dropped": n_dropped}
+
+    if len(gen) == 0 or cfg.image_weight == 0:
+        img_loss = out.latent_out.sum() * 0.0
+        parts[cfg.kind] = 0.0
+    elif cfg.kind == "flow":
+        G = out.latent_out.float()
+        v_target = (eps - x) / cfg.sigma_d                                            # velocity ε − x in G units
+        err = (G - v_target).pow(2).mean(-1)                                          # (B, L)
+        per_img = _gather_images(err.unsqueeze(-1), noise_tok, batch.image_grid, gen).mean(dim=(1, 2))
+        img_loss = per_img.mean()
+        parts["flow"] = float(img_loss.detach())
+    else:
+        s_tok = _per_token(s, batch.img).unsqueeze(-1)
+        y = x_t.double() - (t_tok - s_tok) * cfg.sigma_d * out.latent_out.double()   # f(x_t, s, t), (B, L, C)
+        y_target = _target_pass(model, batch, x, eps, r, s, mask, cfg)               # f(x_r, s, r), (B, L, C)
+        yi = _gather_images(y, noise_tok, batch.image_grid, gen)                      # (n_gen, N, C)
+        yt = _gather_images(y_target, noise_tok, batch.image_grid, gen)
+        # groups are consecutive chunks of M generated images; the last one may be smaller
+        M, n_full = cfg.group_size, len(gen) // cfg.group_size
+        tg = torch.stack([t[g[0]] for g in groups]).to(device)                        # (G,) float64
+        sg = torch.stack([s[g[0]] for g in groups]).to(device)
+        losses = []
+        if n_full:
+            k = n_full * M
+            losses.append(imm.mmd_loss(yi[:k].reshape(n_full, M, *yi.shape[1:]), yt[:k].reshape(n_full, M, *yt.shape[1:]),
+                                       tg[:n_full], sg[:n_full], sigma_d=cfg.sigma_d, a=cfg.a, b=cfg.b))
+        if len(gen) > n_full * M:
+            k = n_full * M
+            losses.append(imm.mmd_loss(yi[None, k:], yt[None, k:], tg[n_full:], sg[n_full:], sigma_d=cfg.sigma_d,
+                                       a=cfg.a, b=cfg.b))
+        per_group = torch.cat(losses)                                                 # (G,)
+        img_loss = per_group.mean().float()
+        parts["imm"] = float(img_loss.detach())
+        parts["groups"] = len(groups)
+        parts["t_mean"] = float(t[gen.cpu()].mean())
+    loss = cfg.text_weight * ce + cfg.image_weight * img_loss
+    parts["loss"] = float(loss.detach())
+    return loss, parts
+
+
+@torch.no_grad()
+def _target_pass(model, batch: Batch, x, eps, r, s, mask, cfg: ObjectiveConfig) -> torch.Tensor:
+    """ŷ = f_θ⁻(x_r, s, r) on every token (B, L, C), float64; only rows holding noise tokens are run.
+
+    θ⁻ is the current weights (no EMA: IMM.md §4); fp32 without autocast (IMM.md §9: bf16 cannot tell r from t)."""
+    noise_tok = batch.kind == NOISE
+    rows = noise_tok.any(dim=1).nonzero(as_tuple=True)[0]
+    r_tok = _per_token(r, batch.img).unsqueeze(-1)
+    s_tok = _per_token(s, batch.img).unsqueeze(-1)
+    a_r, sg_r = imm.alpha_sigma(r_tok)
+    x_r = torch.where(noise_tok.unsqueeze(-1), (a_r * x.double() + sg_r * eps.double()).float(), x)
+    sub = _select_rows(batch, rows)
+    sub_mask = mask[rows] if isinstance(mask, torch.Tensor) else attention_mask(sub, "flex", None)
+    device_type = x.device.type
+    with torch.autocast(device_type=device_type, enabled=False):
+        was_training = model.training
+        out = _forward(model, sub, x_r[rows], r.float().to(x.device), s.float().to(x.device), sub_mask,
+                       torch.zeros_like(sub.targets, dtype=torch.bool))
+        model.train(was_training)
+    G = torch.zeros_like(x, dtype=torch.float64)
+    G[rows] = out.latent_out.double()
+    return x_r.double() - (r_tok - s_tok) * cfg.sigma_d * G
+
+
+def _select_rows(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The sub-batch of the given rows; image indices stay batch-global (t, s, r are indexed by them)."""
+    if len(rows) == batch.ids.shape[0]:
+        return batch
+    return replace(batch, ids=batch.ids[rows], targets=batch.targets[rows], kind=batch.kind[rows],
+                   doc=batch.doc[rows], split=batch.split[rows], img=batch.img[rows], pos=batch.pos[rows],
+                   pos2d=batch.pos2d[rows], latents=batch.latents[rows])

@@ -1,0 +1,170 @@
+"""Objective: CFG dropout, grouped times, IMM and flow losses against per-image loop references."""
+
+import numpy as np
+import pytest
+import torch
+
+from nextx import imm
+from nextx.config import ModelConfig, ObjectiveConfig
+from nextx.masks import dense_mask
+from nextx.model import NextX
+from nextx.objective import _image_times, cfg_dropout, compute_loss, empty_prompt
+from nextx.sequence import IGNORE, NOISE, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
+
+SP = SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
+C, GRID = 6, (2, 3)
+
+
+def _batch(seed=0, rows=3, docs_per_row=3, row_len=64):
+    """Rows of caption->image (generated) and image->caption (context) documents, with pads."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(rows):
+        docs = []
+        for d in range(docs_per_row):
+            gen = bool(rng.integers(0, 2)) or d == 0
+            im = ImageTokens((rng.normal(size=(6, C)) * 0.5).astype(np.float32), GRID, generate=gen)
+            txt = [int(x) for x in rng.integers(6, 40, size=int(rng.integers(2, 6)))]
+            docs.append(layout_document([txt, im] if gen else [im, txt], SP))
+        out.append(pack_row(docs, row_len, SP.pad))
+    return collate(out)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    m = NextX(ModelConfig(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, time_freq_dim=32), vocab_size=40,
+              latent_dim=C)
+    for n, p in m.named_parameters():  # the latent head and modulation start at 0: give them signal
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    return m
+
+
+def test_empty_prompt_keeps_layout_specials():
+    ids = torch.tensor([[2, 9, 10, 4, 0, 0, 5, 11, 3]])
+    kind = torch.tensor([[TEXT, TEXT, TEXT, TEXT, NOISE, NOISE, TEXT, TEXT, TEXT]])
+    assert empty_prompt(ids, kind, SP).tolist() == [[2, 0, 0, 4, 0, 0, 5, 0, 3]]
+
+
+def test_cfg_dropout_p1_drops_exactly_the_documents_with_noise():
+    b = _batch()
+    d, n = cfg_dropout(b, 1.0, SP, torch.Generator().manual_seed(0))
+    for r in range(b.ids.shape[0]):
+        for doc in range(int(b.doc[r].max()) + 1):
+            at = b.doc[r] == doc
+            has_noise = bool((b.kind[r][at] == NOISE).any())
+            if has_noise:
+                assert torch.equal(d.ids[r][at], empty_prompt(b.ids[r][at], b.kind[r][at], SP))
+                assert (d.targets[r][at] == IGNORE).all()
+            else:
+                assert torch.equal(d.ids[r][at], b.ids[r][at]) and torch.equal(d.targets[r][at], b.targets[r][at])
+    assert n == sum(int(((b.doc[r] == k) & (b.kind[r] == NOISE)).any())
+                    for r in range(b.ids.shape[0]) for k in range(int(b.doc[r].max()) + 1))
+    same, n0 = cfg_dropout(b, 0.0, SP, None)
+    assert same is b and n0 == 0
+
+
+@pytest.mark.parametrize("kind", ["imm", "flow"])
+def test_image_times_groups_share_s_r_t(kind):
+    b = _batch(rows=4)
+    cfg = ObjectiveConfig(kind=kind, group_size=2)
+    t, s, r, groups = _image_times(b, cfg, torch.Generator().manual_seed(1))
+    gen = b.image_generate.nonzero(as_tuple=True)[0]
+    assert torch.equal(torch.cat(groups), gen) and all(len(g) <= 2 for g in groups)
+    assert (t[~b.image_generate] == 0).all()
+    for g in groups:
+        if kind == "imm":
+            assert (t[g] == t[g[0]]).all() and (s[g] == s[g[0]]).all() and (r[g] == r[g[0]]).all()
+            assert (s[g] <= r[g]).all() and (r[g] <= t[g]).all() and (s[g] < t[g]).all()
+        else:
+            assert torch.equal(s[g], t[g])
+
+
+def _noise_values(v, b, i):
+    """(B, L, C) -> (N, C) noise-split values of batch image i."""
+    at = (b.img == i) & (b.kind == NOISE)
+    return v[at]
+
+
+def test_imm_loss_matches_a_per_group_loop_reference():
+    b = _batch(seed=3, rows=4)
+    m = _model()
+    cfg = ObjectiveConfig(kind="imm", group_size=2, cfg_drop=0.0, text_weight=0.0, image_weight=1.0)
+    loss, parts = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(7))
+
+    # reference: same draws in the same order, then every image on its own, loops over groups
+    g = torch.Generator().manual_seed(7)
+    t, s, r, groups = _image_times(b, cfg, g)
+    eps = torch.randn(b.latents.shape, generator=g) * cfg.sigma_d
+    x = b.latents
+    noise = (b.kind == NOISE).unsqueeze(-1)
+    tt, ss, rr = (v.float()[b.img.clamp(min=0)].unsqueeze(-1) for v in (t, s, r))
+    x_t = torch.where(noise, (1 - tt) * x + tt * eps, x)
+    x_r = torch.where(noise, (1 - rr) * x + rr * eps, x)
+    mask = dense_mask(b.doc, b.kind, b.split)
+    with torch.no_grad():
+        G_t = m(b.ids, b.kind, b.pos, b.pos2d, x_t, b.img, t.float(), s.float(), mask).latent_out
+        G_r = m(b.ids, b.kind, b.pos, b.pos2d, x_r, b.img, r.float(), s.float(), mask).latent_out
+    per_group = []
+    for grp in groups:
+        ys = torch.stack([_noise_values(x_t, b, int(i)) - (t[i] - s[i]) * 0.5 * _noise_values(G_t, b, int(i))
+                          for i in grp]).double()
+        yt = torch.stack([_noise_values(x_r, b, int(i)) - (r[i] - s[i]) * 0.5 * _noise_values(G_r, b, int(i))
+                          for i in grp]).double()
+        per_group.append(imm.mmd_loss(ys[None], yt[None], t[grp[:1]], s[grp[:1]], sigma_d=0.5))
+    ref = torch.cat(per_group).mean()
+    assert parts["groups"] == len(groups)
+    assert abs(loss.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
+
+
+def test_flow_loss_matches_mse_reference():
+    b = _batch(seed=4)
+    m = _model()
+    cfg = ObjectiveConfig(kind="flow", cfg_drop=0.0, text_weight=0.0)
+    loss, _ = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    t, s, _, _ = _image_times(b, cfg, g)
+    eps = torch.randn(b.latents.shape, generator=g) * 0.5
+    noise = (b.kind == NOISE).unsqueeze(-1)
+    tt = t.float()[b.img.clamp(min=0)].unsqueeze(-1)
+    x_t = torch.where(noise, (1 - tt) * b.latents + tt * eps, b.latents)
+    with torch.no_grad():
+        G = m(b.ids, b.kind, b.pos, b.pos2d, x_t, b.img, t.float(), s.float(),
+              dense_mask(b.doc, b.kind, b.split)).latent_out
+    per = [((_noise_values(G, b, int(i)) - _noise_values((eps - b.latents) / 0.5, b, int(i))) ** 2).mean()
+           for i in b.image_generate.nonzero(as_tuple=True)[0]]
+    assert abs(loss.item() - torch.stack(per).mean().item()) < 1e-5
+
+
+def test_text_ce_is_normalised_by_targets_and_image_weight_zero_leaves_latent_head_without_grad():
+    b = _batch(seed=5)
+    m = _model()
+    cfg = ObjectiveConfig(cfg_drop=0.0, image_weight=0.0)
+    loss, parts = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = m(b.ids, b.kind, b.pos, b.pos2d, b.latents, b.img, torch.zeros(b.n_images),
+                   torch.zeros(b.n_images), dense_mask(b.doc, b.kind, b.split)).text_logits
+    keep = b.targets != IGNORE
+    ref = torch.nn.functional.cross_entropy(logits[keep], b.targets[keep])
+    assert abs(float(loss) - float(ref)) < 1e-5 and parts["text_targets"] == int(keep.sum())
+    loss.backward()
+    head = [p for n, p in m.named_parameters() if "latent_head" in n]
+    assert head and all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in head)
+
+
+def test_loss_is_reproducible_and_trains():
+    b = _batch(seed=6)
+    m = _model()
+    cfg = ObjectiveConfig(group_size=2, image_weight=100.0)
+    l1, _ = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(0))
+    l2, _ = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(0))
+    assert float(l1) == float(l2)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = None
+    for i in range(30):
+        loss, parts = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(i))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else parts["ce"]
+    assert parts["ce"] < 0.75 * first and np.isfinite(parts["imm"])
