@@ -26,6 +26,7 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "folder": ("data_tools.folder:main", "a folder of images + .txt captions, or a jsonl of pairs -> shards"),
         "interleaved": ("data_tools.interleaved:main", "a jsonl of text/image segment lists -> shards"),
         "inspect": ("data_tools.inspect:main", "counts, sizes, bad samples and a PNG grid of a shard dir"),
+        "rows": ("data_tools.rows:main", "packed rows through the real DataLoader: packing efficiency, rows/s"),
         "encode": ("data_tools.encode_latents:main", "pre-encode image latents into a copy of the shards"),
     },
     "tokenizer": {
@@ -39,6 +40,9 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "overfit": ("evals.overfit:main", "learning proof: overfit 8 shapes images, generate and caption them back"),
     },
     "train": {"": ("nextx.train:main", "train a model: CONFIG [key=value ...] (torchrun/deepspeed launchable)")},
+    "t2i": {"": ("nextx.infer:t2i_main", "text-to-image: RUN --prompt ... | --prompts-file F --out DIR")},
+    "caption": {"": ("nextx.infer:caption_main", "caption images: RUN IMAGES... --out captions.json|.csv")},
+    "generate": {"": ("nextx.infer:generate_main", "interleaved text and images: RUN --prompt ... --out DIR")},
     "config": {"": ("nextx.cli:print_config", "print the resolved config: CONFIG [key=value ...]")},
     "demo": {"": ("nextx.demo:main", "the main job end to end on built-in data (see README)")},
 }

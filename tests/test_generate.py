@@ -1,0 +1,391 @@
+"""Cached generation (nextx.sampling) against the full-recomputation reference samplers (nextx.generate); text
+sampling; interleaved documents; the inference API and the t2i / caption / generate commands. CPU, tiny dims."""
+
+import copy
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nextx import sampling
+from nextx.config import ModelConfig
+from nextx.generate import caption_reference, t2i_reference
+from nextx.masks import check_layout, dense_mask
+from nextx.model import NextX
+from nextx.objective import empty_prompt
+from nextx.sequence import CLEAN, NOISE, PAD, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
+
+SP = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
+V, C, GRID = 50, 6, (2, 3)            # a non-square grid catches row/col mix-ups
+N = GRID[0] * GRID[1]
+TOL = 1e-4
+MIXED = [[5], [6, 7, 8, 9, 10, 11, 12], []]  # prompt lengths 1, 7, 0 -> a padded batch
+DIFFS: dict = {}                     # max abs diffs measured by the tests (printed by test_report_diffs)
+
+
+def _note(key, err):
+    DIFFS[key] = max(DIFFS.get(key, 0.0), float(err))
+
+
+def tiny_model(seed=0, **kw) -> NextX:
+    torch.manual_seed(seed)
+    base = dict(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, time_freq_dim=16, ffn_hidden=64)
+    cfg = ModelConfig(**{**base, **kw})
+    m = NextX(cfg, vocab_size=V, latent_dim=C).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():                       # the modulation and latent head are zero at init: make them act
+        for name, p in m.named_parameters():
+            if "ada" in name or "latent_head" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- the mask helper
+
+
+def test_cached_mask_is_the_last_rows_of_dense_mask():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        B, L = 3, int(rng.integers(8, 30))
+        kind = torch.full((B, L), TEXT, dtype=torch.int8)
+        doc = torch.zeros(B, L, dtype=torch.int32)
+        split = torch.full((B, L), -1, dtype=torch.int32)
+        sid = 0
+        for b in range(B):                       # runs of text, pads and clean splits, then a noise split
+            i = 0
+            while i < L - 4:
+                r = rng.integers(0, 3)
+                n = int(rng.integers(1, 4))
+                if r == 1:
+                    kind[b, i:i + n], doc[b, i:i + n] = PAD, -1
+                elif r == 2:
+                    kind[b, i:i + n], split[b, i:i + n] = CLEAN, sid
+                    sid += 1
+                i += n
+            kind[b, L - 3:], split[b, L - 3:], doc[b, L - 3:] = NOISE, sid, 0
+            sid += 1
+        for n_new in (1, 3, L):
+            ref = dense_mask(doc, kind, split)[:, :, -n_new:]
+            assert torch.equal(sampling.cached_mask(doc, kind, split, n_new), ref)
+
+
+# ---- cached == reference
+
+
+@pytest.mark.parametrize("sampler", sampling.SAMPLERS)
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+@pytest.mark.parametrize("prompts", [[[5, 6, 7]], MIXED], ids=["b1", "mixed"])
+def test_t2i_cached_equals_reference(model, sampler, cfg_scale, prompts):
+    kw = dict(grid=GRID, latent_dim=C, steps=3, sampler=sampler, cfg_scale=cfg_scale)
+    ref = t2i_reference(model, prompts, SP, generator=gen(1), **kw)
+    out = sampling.t2i(model, prompts, SP, generator=gen(1), **kw)
+    assert out.shape == (len(prompts), N, C) and ref.abs().max() > 0.1
+    err = (out - ref).abs().max()
+    _note(f"t2i latents ({'cfg' if cfg_scale != 1 else 'no cfg'}, {'B=1' if len(prompts) == 1 else 'mixed'})", err)
+    assert err < TOL, err
+
+
+@pytest.mark.parametrize("pos2d", ["sincos", "none"])
+def test_t2i_cached_equals_reference_other_2d_positions(pos2d):
+    m = tiny_model(1, pos2d=pos2d)
+    kw = dict(grid=GRID, latent_dim=C, steps=2, cfg_scale=1.5)
+    err = (sampling.t2i(m, MIXED, SP, generator=gen(2), **kw) - t2i_reference(m, MIXED, SP, generator=gen(2), **kw))
+    assert err.abs().max() < TOL
+
+
+def test_flex_model_samples_on_sdpa(model):
+    """A model configured for flex attention samples on SDPA (dense masks), with the same numbers."""
+    m = tiny_model(attention="flex")
+    kw = dict(grid=GRID, latent_dim=C, steps=2, cfg_scale=1.5, generator=None)
+    a = sampling.t2i(m, MIXED, SP, **{**kw, "generator": gen(0)})
+    assert all(blk.self_attn.backend == "flex" for blk in m.layers)          # restored afterwards
+    b = sampling.t2i(model, MIXED, SP, **{**kw, "generator": gen(0)})
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("B", [1, 3])
+def test_caption_cached_equals_reference(model, temperature, B):
+    imgs = torch.randn(B, N, C, generator=gen(B)) * 0.5
+    ref = caption_reference(model, imgs, SP, grid=GRID, max_new_tokens=10, temperature=temperature, generator=gen(3))
+    out = sampling.caption(model, imgs, SP, grid=GRID, max_new_tokens=10, temperature=temperature, generator=gen(3))
+    assert out == ref
+
+
+def _doc_segments(prompt, new):
+    """Prompt + generated segments as a layout_document input: images as context, and the generated `<boi>` that
+    opened each image removed (the layout writes its own)."""
+    segs, new = list(prompt), list(new)
+    for i, s in enumerate(new):
+        if isinstance(s, torch.Tensor):
+            segs.append(ImageTokens(s.numpy(), GRID, generate=False))
+        else:
+            ids = s[:-1] if i + 1 < len(new) and isinstance(new[i + 1], torch.Tensor) else s
+            if ids:
+                segs.append(list(ids))
+    return segs
+
+
+@torch.no_grad()
+def _full_forward(model, segs):
+    d = layout_document(segs, SP)
+    b = collate([pack_row([d], len(d), SP.pad)])
+    z = torch.zeros(b.n_images)
+    lat = b.latents if b.n_images else torch.zeros(*b.ids.shape, C)          # collate gives C = 1 without images
+    return model(b.ids, b.kind, b.pos, b.pos2d, lat, b.img, z, z, dense_mask(b.doc, b.kind, b.split)), d
+
+
+@torch.no_grad()
+def _ref_image(model, prefix, x0, *, steps, cfg_scale, T=0.994, sigma_d=0.5):
+    """Pushforward by full recomputation after an arbitrary prefix (text and context images), from noise x0."""
+    d = layout_document(prefix + [ImageTokens(np.zeros((N, C), np.float32), GRID, generate=True)], SP)
+    b = collate([pack_row([d], len(d), SP.pad)])
+    ids, rows = b.ids, 1
+    if cfg_scale != 1:
+        ids, rows = torch.cat([b.ids, empty_prompt(b.ids, b.kind, SP)]), 2
+    rep = lambda v: torch.cat([v] * rows)                                                  # noqa: E731
+    mask = rep(dense_mask(b.doc, b.kind, b.split))
+    noise = (b.kind == NOISE)[0]
+    x = x0.clone()
+    ts = torch.linspace(T, 0.0, steps + 1, dtype=torch.float64)
+    for i in range(steps):
+        lat = rep(b.latents).clone()
+        lat[:, noise] = x.float()
+        t = torch.full((rows * b.n_images,), float(ts[i]))
+        s = torch.full((rows * b.n_images,), float(ts[i + 1]))
+        img = torch.cat([b.img] + ([b.img + b.n_images] if rows == 2 else []))
+        G = model(ids, rep(b.kind), rep(b.pos), rep(b.pos2d), lat, img, t, s, mask).latent_out[:, noise].double()
+        if rows == 2:
+            G = G[1] + cfg_scale * (G[0] - G[1])
+        else:
+            G = G[0]
+        x = x - (float(ts[i]) - float(ts[i + 1])) * sigma_d * G
+    return x.float()
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
+def test_interleaved_cached_equals_recomputation(model, cfg_scale):
+    """Mixed-length prompts (one holding a context image), rows drawing images at different steps (so a row's <boi>
+    is followed by pads while another row commits its image): every text logit and every image equals a full
+    recomputation of the final document."""
+    ctx = ImageTokens(np.random.default_rng(0).normal(0, .5, (N, C)).astype(np.float32), GRID, generate=False)
+    prompts = [[[5, 6]], [[7, 8, 9, 10, 11, 12, 13]], [ctx, [14]]]
+    trace: dict = {}
+    docs = sampling.generate(model, prompts, SP, grid=GRID, max_new_tokens=7, steps=2,
+                             force_boi_at=[(1, 4), (0, 2), (3, 5)],
+                             cfg_scale=cfg_scale, suppress=(SP.eos, SP.boi, SP.eoi), generator=gen(0), trace=trace)
+    for b, (prompt, new) in enumerate(zip(prompts, docs)):
+        assert [type(s).__name__ for s in new] == ["list", "Tensor", "list", "Tensor", "list"]
+        out, d = _full_forward(model, _doc_segments(prompt, new))
+        # every sampled token's logits: position of the token just before it in the final layout
+        P = len(layout_document(_doc_segments(prompt, []), SP)) - 1 if prompt else 1
+        at, preds = P, []
+        for s in new:
+            if isinstance(s, torch.Tensor):
+                at += N + 1                                                   # clean split + <eoi>
+                continue
+            for _ in s:
+                preds.append(at - 1)
+                at += 1
+        full = out.text_logits[0, preds]
+        cached = torch.stack(trace["logits"][b])
+        err = (full - cached).abs().max()
+        _note(f"text logits (interleaved, mixed, {'cfg' if cfg_scale != 1 else 'no cfg'})", err)
+        assert err < TOL, err
+        # every image: pushforward by full recomputation after the same prefix, from the same noise
+        for j, (i, s) in enumerate((i, s) for i, s in enumerate(new) if isinstance(s, torch.Tensor)):
+            prefix = _doc_segments(prompt, new[:i + 1])[:-1]                 # up to the image (its <boi> dropped)
+            ref = _ref_image(model, prefix, trace["noise"][b][j], steps=2, cfg_scale=cfg_scale)
+            err = (ref - s).abs().max()
+            _note(f"image latents (interleaved, mixed, {'cfg' if cfg_scale != 1 else 'no cfg'})", err)
+            assert err < TOL, err
+
+
+@pytest.mark.parametrize("prompts", [[[[5, 6]]], [[[5]], [[6, 7, 8, 9, 10, 11, 12, 13, 14]], [[15, 16, 17]]]],
+                         ids=["b1", "mixed"])
+def test_text_only_cached_equals_recomputation(model, prompts):
+    trace: dict = {}
+    docs = sampling.generate(model, prompts, SP, grid=GRID, max_new_tokens=12, draw_images=False, generator=gen(0),
+                             trace=trace, temperature=0.0)
+    for b, (p, new) in enumerate(zip(prompts, docs)):
+        ids = [t for s in new for t in s]
+        out, d = _full_forward(model, [p[0] + ids] if ids else p)
+        n = len(trace["logits"][b])                                        # includes a final <eos> if sampled
+        full = out.text_logits[0, len(p[0]): len(p[0]) + n]
+        assert full.argmax(-1).tolist()[: len(ids)] == ids
+        err = (full - torch.stack(trace["logits"][b])).abs().max()
+        _note(f"text logits (text only, {'B=1' if len(prompts) == 1 else 'mixed'})", err)
+        assert err < TOL
+
+
+# ---- determinism, sampling, documents
+
+
+def test_same_seed_same_output(model):
+    kw = dict(grid=GRID, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, steps=2, sampler="restart",
+              cfg_scale=1.5, force_boi_at=(2,), suppress=(SP.eoi,))
+    a = sampling.generate(model, [[[5, 6]], [[7]]], SP, generator=gen(7), **kw)
+    b = sampling.generate(model, [[[5, 6]], [[7]]], SP, generator=gen(7), **kw)
+    c = sampling.generate(model, [[[5, 6]], [[7]]], SP, generator=gen(8), **kw)
+
+    def flat(docs):
+        return [[s.tolist() if isinstance(s, torch.Tensor) else s for s in d] for d in docs]
+
+    assert flat(a) == flat(b) and flat(a) != flat(c)
+    x1 = sampling.t2i(model, MIXED, SP, grid=GRID, latent_dim=C, steps=2, sampler="restart", generator=gen(4))
+    x2 = sampling.t2i(model, MIXED, SP, grid=GRID, latent_dim=C, steps=2, sampler="restart", generator=gen(4))
+    assert torch.equal(x1, x2)
+
+
+def test_sample_tokens_filters():
+    logits = torch.randn(4, V, generator=gen(0))
+    greedy = logits.argmax(-1)
+    assert torch.equal(sampling.sample_tokens(logits), greedy)
+    assert torch.equal(sampling.sample_tokens(logits, temperature=1.0, top_k=1, generator=gen(1)), greedy)
+    assert torch.equal(sampling.sample_tokens(logits, temperature=1.0, top_p=1e-6, generator=gen(1)), greedy)
+    top3 = logits.topk(3, -1).indices
+    g = gen(2)
+    for _ in range(20):
+        t = sampling.sample_tokens(logits, temperature=2.0, top_k=3, generator=g)
+        assert all(int(t[i]) in top3[i].tolist() for i in range(4))
+    # top_p keeps the smallest prefix (by probability) whose mass reaches p
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    seen = {int(sampling.sample_tokens(probs.log(), temperature=1.0, top_p=0.7, generator=g)) for _ in range(200)}
+    assert seen == {0, 1}
+
+
+def test_lm_head_bias_draws_two_images_between_text(model):
+    """A model whose LM head prefers <boi> draws images by itself; max_images=2 then forbids a third, and the
+    output is a valid interleaved document (text, image, text, image, text)."""
+    m = copy.deepcopy(model)
+    bias = torch.zeros(V)
+    bias[SP.boi] = 100.0
+    m.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    docs = sampling.generate(m, [[[5, 6]], [[7, 8, 9, 10]]], SP, grid=GRID, max_new_tokens=5, max_images=2, steps=2,
+                             cfg_scale=1.5, suppress=(SP.eos, SP.eoi, SP.pad, SP.bos), generator=gen(0))
+    for new in docs:
+        kinds = [type(s).__name__ for s in new]
+        assert kinds == ["list", "Tensor", "list", "Tensor", "list"], kinds
+        assert new[0] == [SP.boi] and new[2] == [SP.boi] and SP.boi not in new[4] and len(new[4]) == 3
+        assert all(s.shape == (N, C) and torch.isfinite(s).all() for s in new if isinstance(s, torch.Tensor))
+        d = layout_document(_doc_segments([[5]], new), SP)
+        assert (d.kind == CLEAN).sum() == 2 * N
+        check_layout(*(torch.from_numpy(a[None].astype(np.int64)) for a in (np.zeros(len(d)), d.kind, d.split)))
+
+
+def test_stop_and_max_tokens(model):
+    m = copy.deepcopy(model)
+    bias = torch.zeros(V)
+    bias[SP.eos] = 100.0
+    h = m.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    assert sampling.generate(m, [[[5]], [[6, 7]]], SP, grid=GRID, max_new_tokens=4) == [[], []]
+    h.remove()
+    docs = sampling.generate(m, [[[5]], [[6, 7]]], SP, grid=GRID, max_new_tokens=4, suppress=(SP.eos, SP.boi))
+    assert [sum(len(s) for s in d) for d in docs] == [4, 4]
+    # a <boi> as the last allowed token still draws its image (and commits nothing)
+    docs = sampling.generate(m, [[[5]]], SP, grid=GRID, max_new_tokens=2, force_boi_at=(1,), steps=1,
+                             suppress=(SP.eos, SP.boi))
+    assert len(docs[0]) == 2 and docs[0][0][-1] == SP.boi and docs[0][1].shape == (N, C)
+
+
+# ---- API and commands
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A tiny trained-looking run: SentencePiece + pixel tokenizers, config.yaml and a checkpoint of a random model."""
+    from safetensors.torch import save_file
+
+    from nextx.config import load_config, save_config
+    from nextx.latents import PixelTokenizer, load_image_tokenizer
+    from nextx.tokenizer import train_sentencepiece
+    from nextx.train import build_model
+
+    root = tmp_path_factory.mktemp("run")
+    texts = [f"a {c} {s} at the {w}" for c in ("red", "green", "blue") for s in ("circle", "square", "star")
+             for w in ("top", "left", "middle", "bottom")]
+    text_tok = train_sentencepiece(texts, root / "text", vocab_size=40)
+    px = torch.rand(8, 3, 8, 8, generator=gen(0))
+    PixelTokenizer.from_pixels(px, 2).save(root / "pixel")
+    cfg = load_config("configs/tiny.yaml", [
+        "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.time_freq_dim=16",
+        f"data.text_tokenizer={root / 'text'}", f"data.image_tokenizer={root / 'pixel'}"])
+    torch.manual_seed(0)
+    model = build_model(cfg, text_tok, load_image_tokenizer(root / "pixel"))
+
+    ex = root / "r" / "exports" / "step_0000001"                       # an export, as training writes it
+    ex.mkdir(parents=True)
+    save_file(model.state_dict(), str(ex / "model.safetensors"))
+    save_config(cfg, ex / "config.yaml")
+    from nextx.infer import to_pil
+
+    for i, im in enumerate(to_pil(px[:2])):
+        im.save(root / f"in{i}.png")
+    return root
+
+
+def test_api_t2i_caption_generate(run_dir):
+    from nextx.documents import Image, Text
+    from nextx.infer import Generator
+
+    g = Generator.load(run_dir / "r")
+    assert (g.cfg_scale, g.sampler, g.steps) == (1.5, "pushforward", 4)  # tiny.yaml: IMM with CFG dropout
+    ims = g.t2i(["a red circle", "blue", ""], steps=2, seed=0, batch_size=2)
+    assert ims.shape == (3, 3, 8, 8) and 0 <= float(ims.min()) and float(ims.max()) <= 1
+    assert torch.equal(ims, g.t2i(["a red circle", "blue", ""], steps=2, seed=0, batch_size=2))
+    caps = g.caption(ims, max_new_tokens=6)
+    assert len(caps) == 3 and all(isinstance(c, str) for c in caps)
+    doc = g.generate("a red", max_new_tokens=6, force_images=(0, 3))
+    assert sum(isinstance(s, Image) for s in doc.segments) == 2
+    assert all(s.pixels.size == (8, 8) and s.latents.shape == (16, 12) for s in doc.segments if isinstance(s, Image))
+    assert all(isinstance(s, (Text, Image)) for s in doc.segments) and doc.meta["prompt"] == "a red"
+
+
+def test_cli_help():
+    from nextx.cli import main
+
+    for cmd in ("t2i", "caption", "generate"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+
+
+def test_cli_t2i_caption_generate(run_dir, tmp_path, capsys):
+    from nextx.cli import main
+
+    (tmp_path / "prompts.txt").write_text("a red circle\n\nblue star\n")
+    assert main(["t2i", str(run_dir / "r"), "--prompts-file", str(tmp_path / "prompts.txt"), "--steps", "2",
+                 "--cfg-scale", "1.5", "--out", str(tmp_path / "t2i"), "--device", "cpu"]) == 0
+    s = json.loads((tmp_path / "t2i" / "settings.json").read_text())
+    assert [x["prompt"] for x in s["images"]] == ["a red circle", "blue star"] and s["steps"] == 2
+    assert (tmp_path / "t2i" / "000.png").is_file() and (tmp_path / "t2i" / "grid.png").is_file()
+    imgs = [str(run_dir / "in0.png"), str(tmp_path / "t2i" / "001.png")]
+    assert main(["caption", str(run_dir / "r"), *imgs, "--out", str(tmp_path / "c.json"), "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    assert [r["image"] for r in json.loads((tmp_path / "c.json").read_text())["captions"]] == imgs
+    assert main(["caption", str(run_dir / "r"), *imgs, "--out", str(tmp_path / "c.csv"), "--max-new-tokens", "4",
+                 "--device", "cpu"]) == 0
+    assert [r["image"] for r in csv.DictReader((tmp_path / "c.csv").open())] == imgs
+    assert main(["generate", str(run_dir / "r"), "--prompt", "a red", "--image", str(run_dir / "in0.png"),
+                 "--force-image-at", "0", "2", "--max-new-tokens", "5", "--steps", "1", "--out",
+                 str(tmp_path / "g"), "--device", "cpu"]) == 0
+    d = json.loads((tmp_path / "g" / "document.json").read_text())
+    assert [s["image"] for s in d["segments"] if "image" in s] == ["img0.png", "img1.png"]
+    assert (tmp_path / "g" / "img1.png").is_file()
+
+
+def test_report_diffs():
+    """Prints the max abs diffs (cached vs recomputation) measured above (run with -s to see them)."""
+    for k, v in sorted(DIFFS.items()):
+        print(f"max abs diff  {k:<45} {v:.2e}")
