@@ -61,7 +61,7 @@ def prepare(out: Path, n_images: int, size: int) -> dict[str, Path]:
 
 @torch.no_grad()
 def evaluate(model, text_tok, image_tok, special, docs, *, steps=(1, 2), seed: int = 0) -> tuple[dict, list]:
-    from nextx.generate import caption_reference, t2i_reference
+    from nextx.sampling import caption, t2i
     from nextx.latents import pil_to_tensor
 
     model.eval()
@@ -78,7 +78,7 @@ def evaluate(model, text_tok, image_tok, special, docs, *, steps=(1, 2), seed: i
     report["mse_other_image_baseline"] = float(np.mean(others))
     prompts = [text_tok.encode(c) for c in captions]
     for k in steps:
-        lat = t2i_reference(model, prompts, special, grid=image_tok.grid, latent_dim=image_tok.token_dim, steps=k,
+        lat = t2i(model, prompts, special, grid=image_tok.grid, latent_dim=image_tok.token_dim, steps=k,
                             generator=torch.Generator().manual_seed(seed))
         img = image_tok.decode(lat)
         per = ((img - truth) ** 2).mean(dim=(1, 2, 3))
@@ -86,7 +86,7 @@ def evaluate(model, text_tok, image_tok, special, docs, *, steps=(1, 2), seed: i
         report[f"mse_{k}_step_max"] = float(per.max())
         rows.append(_to_pil(img))
     enc = image_tok.encode(truth)
-    ids = caption_reference(model, enc, special, grid=image_tok.grid, max_new_tokens=48)
+    ids = caption(model, enc, special, grid=image_tok.grid, max_new_tokens=48)
     gen_caps = [text_tok.decode(x) for x in ids]
     report["caption_exact_match"] = float(np.mean([a == b for a, b in zip(gen_caps, captions)]))
     report["captions"] = [{"truth": a, "generated": b} for a, b in zip(captions, gen_caps)]
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     over = [f"data.train_shards={paths['shards']}", f"data.text_tokenizer={paths['text']}",
             f"data.image_tokenizer={paths['pixel']}", f"run_dir={out}", "name=run", f"train.steps={a.steps}",
             f"objective.kind={a.objective}", "objective.cfg_drop=0.0", "data.resample=true",
-            "data.shuffle_buffer=16", "data.pack_buffer=8", "train.save_every=0", "optim.schedule=cosine",
+            "data.shuffle_buffer=16", "data.pack_buffer=8", "train.save_every=0", "train.resume=never", "optim.schedule=cosine",
             "optim.min_lr_ratio=0.05",
             f"objective.image_weight={a.image_weight or (200.0 if a.objective == 'imm' else 4.0)}"]
     cfg = load_config(a.config, over + list(a.overrides))

@@ -55,7 +55,7 @@ def held_out_docs(cfg, n: int):
 def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_scale: float, batch: int,
              seed: int, out: Path | None = None, sampler: str | None = None) -> dict:
     from evals.shapes_score import score_captions, score_t2i
-    from nextx.generate import caption_reference, t2i_reference
+    from nextx.sampling import caption, t2i
     from nextx.latents import pil_to_tensor
 
     o = cfg.objective
@@ -69,7 +69,7 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
         ims: list[PILImage.Image] = []
         for i in tqdm(range(0, len(docs), batch), desc=f"t2i {k} step(s)", leave=False):
             prompts = [text_tok.encode(c) for c in captions[i:i + batch]]
-            lat = t2i_reference(model, prompts, special, grid=image_tok.grid, latent_dim=image_tok.token_dim,
+            lat = t2i(model, prompts, special, grid=image_tok.grid, latent_dim=image_tok.token_dim,
                                 steps=k, sampler=sampler, cfg_scale=cfg_scale, sigma_d=o.sigma_d, T=o.T, eps=o.eps,
                                 generator=torch.Generator().manual_seed(seed + i))
             ims += _to_pil(image_tok.decode(lat))
@@ -83,8 +83,9 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     truth = pil_to_tensor([d.images[0].pixels for d in docs], image_tok.image_size)
     gen_caps: list[str] = []
     for i in tqdm(range(0, len(docs), batch), desc="captions", leave=False):
-        ids = caption_reference(model, image_tok.encode(truth[i:i + batch]), special, grid=image_tok.grid,
-                                max_new_tokens=cfg.data.max_text_tokens)
+        ids = caption(model, image_tok.encode(truth[i:i + batch]), special, grid=image_tok.grid,
+                                max_new_tokens=cfg.data.max_text_tokens,
+                                suppress=(special.pad, special.bos, special.boi, special.eoi))
         gen_caps += [text_tok.decode(x) for x in ids]
     objs = [d.meta["objects"] for d in docs]
     cap = score_captions(gen_caps, objs, captions)

@@ -84,6 +84,7 @@ class DataConfig:
     batch_rows: int = 8           # packed rows per micro-batch per rank
     t2i_ratio: float = 0.5        # share of caption+image pairs laid out caption->image (rest: image->caption)
     drop_trailing_clean: bool = True  # no clean split for a generated image that ends its document
+    noise_copies: int = 1         # noise splits per generated image (objective.grouping=copies: the M particles)
     max_text_tokens: int = 128    # longer text segments are truncated (counted and logged)
     shuffle_buffer: int = 512     # documents in the in-memory shuffle buffer (0 = no shuffle)
     shard_shuffle: bool = True    # shuffle shard order each epoch
@@ -99,6 +100,7 @@ class DataConfig:
             _require(getattr(self, k) > 0, f"{p}.{k}", f"must be > 0, got {getattr(self, k)}")
         for k in ("shuffle_buffer", "num_workers"):
             _require(getattr(self, k) >= 0, f"{p}.{k}", f"must be >= 0, got {getattr(self, k)}")
+        _require(self.noise_copies >= 1, f"{p}.noise_copies", f"must be >= 1, got {self.noise_copies}")
         _require(self.max_text_tokens < self.row_len, f"{p}.max_text_tokens",
                  f"{self.max_text_tokens} must be < row_len={self.row_len}")
 
@@ -113,7 +115,9 @@ class ObjectiveConfig:
     eps: float = 0.0             # smallest time (0 for latents, 0.006 for pixels in the paper)
     k: int = 12                  # r(s,t): eta_r = eta_t - (eta_max - eta_min) / 2^k
     min_gap: float = 1e-4        # r <= t - min_gap (IMM.md §2)
-    group_size: int = 4          # M: consecutive images sharing (s, r, t)
+    group_size: int = 4          # M: consecutive images sharing (s, r, t) (grouping=images)
+    grouping: Literal["images", "copies"] = "images"  # IMM particles: M consecutive images of the batch (the
+    #   reference recipe), or the data.noise_copies noise splits of ONE image sharing its caption (see README)
     a: float = 1.0               # weight w(s,t) exponent of alpha_t
     b: float = 4.0               # weight w(s,t) sigmoid shift
     time_sampling: Literal["uniform", "lognormal"] = "uniform"  # paper: t ~ U(eps,T), s|t ~ U(eps,t)
@@ -157,6 +161,7 @@ class DistConfig:
     grad_accum: int = 1           # micro-batches per optimizer step
     offload_optimizer: bool = False  # ZeRO CPU offload of optimizer states
     deepspeed_json: str = ""      # raw DeepSpeed JSON whose keys override the derived config (advanced)
+    compile: bool = False         # torch.compile each transformer block (GPU; ZeRO 0-2)
 
     def check(self, p: str = "dist") -> None:
         _require(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
@@ -165,6 +170,8 @@ class DistConfig:
                  "needs zero_stage >= 1")
         _require(not (self.engine == "plain" and self.zero_stage > 0), f"{p}.engine",
                  "'plain' has no ZeRO: set dist.zero_stage=0 or dist.engine=deepspeed")
+        _require(not (self.compile and self.zero_stage == 3), f"{p}.compile",
+                 "compiled blocks are not supported with ZeRO-3 (its parameter hooks); use zero_stage <= 2")
 
 
 @dataclass
@@ -176,11 +183,21 @@ class TrainConfig:
     eval_every: int = 0           # quick eval interval (0 = off)
     seed: int = 0
     threads: int = 0              # torch CPU threads (0 = torch default)
+    resume: Literal["auto", "never", "must"] = "auto"  # auto: continue from checkpoints/latest of the run dir
+                                  # when its config matches (model, data, objective, optim, dist, seed), else start
+                                  # fresh with a warning; never: always fresh; must: fail if nothing to resume
+    keep_checkpoints: int = 0     # keep only the newest N checkpoints (0 = keep all)
+    export_on_save: bool = False  # also write exports/step_N/ (safetensors) at every save, not only at the end
+    eval_batches: int = 4         # val batches per rank in the quick eval (train.eval_every)
+    sample_prompts: int = 4       # fixed val captions (and images) in the sample grids (train.sample_every)
+    peak_tflops: float = 0.0      # per-device peak for MFU (0 = from the GPU name: bf16 dense; n/a on CPU)
 
     def check(self, p: str = "train") -> None:
         _require(self.steps > 0 and self.log_every > 0, f"{p}.steps/log_every", "must be > 0")
-        for k in ("save_every", "sample_every", "eval_every", "threads"):
+        for k in ("save_every", "sample_every", "eval_every", "threads", "keep_checkpoints", "peak_tflops"):
             _require(getattr(self, k) >= 0, f"{p}.{k}", "must be >= 0")
+        _require(self.eval_batches > 0 and self.sample_prompts > 0, f"{p}.eval_batches/sample_prompts",
+                 "must be > 0")
 
 
 @dataclass
@@ -199,6 +216,9 @@ class Config:
             sub = getattr(self, f.name)
             if dataclasses.is_dataclass(sub):
                 sub.check(f.name)
+        _require((self.objective.grouping == "copies") == (self.data.noise_copies > 1), "objective.grouping",
+                 f"'{self.objective.grouping}' with data.noise_copies={self.data.noise_copies}: grouping=copies needs "
+                 "data.noise_copies >= 2 (the particles), grouping=images needs data.noise_copies=1")
         _require(bool(self.name) and "/" not in self.name, "name", f"must be non-empty without '/', got {self.name!r}")
         _require(self.objective.text_weight > 0 or self.data.t2i_ratio == 1.0, "objective.text_weight",
                  "is 0 but data.t2i_ratio < 1 lays out captioning pairs whose only loss is text")

@@ -13,6 +13,15 @@ Named stages over plain values, each testable alone (STYLE §6):
                     layout, pack; counters ride along in every row's `stats`
 
 `build_loader(cfg.data, rank, world_size)` returns the DataLoader of Batches the trainer consumes.
+
+Read position (exact resume, ARCHITECTURE §8). Each reader restarts its state at every epoch: its rng is drawn from
+(seed, reader, epoch), the shuffle buffer drains and the packer flushes at the epoch's end. So "reader r has
+yielded n rows of epoch e" pins the stream, and every batch carries `position = (reader index, e, n)` of its last
+row (`LoaderBatch`). The trainer keeps the newest position per reader of the batches it *consumed* (not the ones
+prefetched) and checkpoints them with its batch count; `build_loader(start=..., batches_done=...)` then replays
+each reader's epoch up to its position without yielding (decode + tokenize + pack, no collate or transfer; cheap
+with pre-encoded latents) and rotates the DataLoader workers so the next batch comes from the reader that was
+next. Exact when world size and data.num_workers are unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterator
 
 import numpy as np
@@ -28,7 +37,7 @@ import torch
 
 from nextx.config import DataConfig
 from nextx.documents import BadSample, Document, Image, Text, decode_document, shard_paths
-from nextx.sequence import ImageTokens, Packer, Row, SpecialIds, collate, layout_document
+from nextx.sequence import Batch, ImageTokens, Packer, Row, SpecialIds, collate, layout_document
 
 log = logging.getLogger("nextx.data")
 
@@ -169,11 +178,17 @@ class PackedRows(torch.utils.data.IterableDataset):
     """Infinite (loop=True) or single-pass stream of packed Rows for one rank; DataLoader workers split it."""
 
     def __init__(self, cfg: DataConfig, *, shards: str | None = None, split: str | None = None, rank: int = 0,
-                 world_size: int = 1, loop: bool = True, seed_offset: int = 0):
+                 world_size: int = 1, loop: bool = True, seed_offset: int = 0, start: dict | None = None,
+                 rotate: int = 0):
+        """start: {reader index: (epoch, rows done in that epoch)} to resume from (see the module docstring);
+        rotate: DataLoader worker i acts as reader worker (i + rotate) % num_workers."""
         self.cfg = cfg
         self.paths = shard_paths(shards or cfg.train_shards, split if split is not None else cfg.train_split)
         self.rank, self.world_size, self.loop, self.seed = rank, world_size, loop, cfg.seed + seed_offset
+        self.start = {int(k): (int(v[0]), int(v[1])) for k, v in (start or {}).items()}
+        self.rotate = rotate
         self._tok = None
+        self._n_bad = 0
 
     def tokenizers(self):
         """(text tokenizer, image tokenizer), loaded once per process (each worker loads its own copy)."""
@@ -186,40 +201,54 @@ class PackedRows(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Row]:
         info = torch.utils.data.get_worker_info()
-        reader = Reader(self.rank, self.world_size, info.id if info else 0, info.num_workers if info else 1)
+        n_workers = info.num_workers if info else 1
+        worker = ((info.id if info else 0) + self.rotate) % n_workers
+        reader = Reader(self.rank, self.world_size, worker, n_workers)
         text_tok, image_tok = self.tokenizers()
         special = SpecialIds.from_tokenizer(text_tok)
         cfg = self.cfg
-        rng = random.Random(self.seed * 7_368_787 + reader.index)
-        packer = Packer(cfg.row_len, special.pad, cfg.pack_buffer)
         stats: dict = {}
-        n_bad = 0
-        epoch = 0
+        epoch, skip = self.start.get(reader.index, (0, 0))
         while True:
-            shards, stride = shard_order(self.paths, reader, seed=self.seed, epoch=epoch,
-                                         shuffle=cfg.shard_shuffle, resample=cfg.resample)
-            for sample in shuffled(self._samples(shards, stride, reader, stats), cfg.shuffle_buffer, rng):
-                try:
-                    doc = decode_document(sample, load_pixels=cfg.use_latents == "pixels")
-                    segs = to_segments(doc, text_tok, image_tok, t2i_ratio=cfg.t2i_ratio,
-                                       max_text_tokens=cfg.max_text_tokens, use_latents=cfg.use_latents,
-                                       rng=rng, stats=stats)
-                    if not segs:
-                        raise BadSample(f"{doc.key}: no text or image left after tokenization")
-                    layout = layout_document(segs, special, drop_trailing_clean=cfg.drop_trailing_clean)
-                except BadSample as e:
-                    stats["bad_sample"] = stats.get("bad_sample", 0) + 1
-                    n_bad += 1  # `stats` is emptied into every row; this one counts for the log lines
-                    if n_bad <= 5 or n_bad % 1000 == 0:
-                        log.warning("skipping bad sample (%d so far in this reader): %s", n_bad, e)
+            # fresh per-epoch state: the position (epoch, rows yielded in it) alone determines what follows
+            rng = random.Random((self.seed * 7_368_787 + reader.index) * 1_000_003 + epoch)
+            packer = Packer(cfg.row_len, special.pad, cfg.pack_buffer)
+            n = 0
+            for row in self._epoch_rows(epoch, reader, rng, packer, text_tok, image_tok, special, stats):
+                n += 1
+                if n <= skip:
                     continue
-                for row in packer.add(layout):
-                    yield _with_stats(row, stats)
+                row.position = (reader.index, epoch, n)
+                yield _with_stats(row, stats)
+            skip = 0
             epoch += 1
             if not self.loop:
                 break
-        for row in packer.flush():
-            yield _with_stats(row, stats)
+
+    def _epoch_rows(self, epoch: int, reader: Reader, rng: random.Random, packer: Packer, text_tok, image_tok,
+                    special: SpecialIds, stats: dict) -> Iterator[Row]:
+        """Every packed row of one epoch of this reader, the last partial ones flushed at the end."""
+        cfg = self.cfg
+        shards, stride = shard_order(self.paths, reader, seed=self.seed, epoch=epoch,
+                                     shuffle=cfg.shard_shuffle, resample=cfg.resample)
+        for sample in shuffled(self._samples(shards, stride, reader, stats), cfg.shuffle_buffer, rng):
+            try:
+                doc = decode_document(sample, load_pixels=cfg.use_latents == "pixels")
+                segs = to_segments(doc, text_tok, image_tok, t2i_ratio=cfg.t2i_ratio,
+                                   max_text_tokens=cfg.max_text_tokens, use_latents=cfg.use_latents,
+                                   rng=rng, stats=stats)
+                if not segs:
+                    raise BadSample(f"{doc.key}: no text or image left after tokenization")
+                layout = layout_document(segs, special, drop_trailing_clean=cfg.drop_trailing_clean,
+                                         noise_copies=cfg.noise_copies)
+            except BadSample as e:
+                stats["bad_sample"] = stats.get("bad_sample", 0) + 1
+                self._n_bad += 1  # `stats` is emptied into every row; this one counts for the log lines
+                if self._n_bad <= 5 or self._n_bad % 1000 == 0:
+                    log.warning("skipping bad sample (%d so far in this reader): %s", self._n_bad, e)
+                continue
+            yield from packer.add(layout)
+        yield from packer.flush()
 
     @staticmethod
     def _samples(shards: list[str], stride: int, reader: Reader, stats: dict) -> Iterator[dict]:
@@ -242,14 +271,44 @@ def _worker_init(_):
     torch.set_num_threads(1)  # workers encode a few images each; oversubscribing 2 cores hurts the trainer
 
 
+class LoaderBatch(Batch):
+    """A Batch as the DataLoader yields it: plus `position` (reader index, epoch, rows done) of its last row, and
+    a `pin_memory()` the DataLoader's pinning thread calls (Batch.to(non_blocking=True) then overlaps the copy)."""
+
+    position: tuple = (0, 0, 0)
+
+    @classmethod
+    def of(cls, b: Batch, position: tuple) -> "LoaderBatch":
+        out = cls(**{f.name: getattr(b, f.name) for f in fields(b)})
+        out.position = position
+        return out
+
+    def pin_memory(self) -> "LoaderBatch":
+        pinned = {f.name: (v.pin_memory() if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                  for f in fields(self)}
+        return LoaderBatch.of(Batch(**pinned), self.position)
+
+
+def collate_rows(rows: list[Row]) -> LoaderBatch:
+    """collate + the read position of the batch's last row."""
+    return LoaderBatch.of(collate(rows), getattr(rows[-1], "position", (0, 0, 0)))
+
+
 def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards: str | None = None,
-                 split: str | None = None, loop: bool = True, num_workers: int | None = None):
-    """DataLoader yielding Batches of cfg.batch_rows packed rows for this rank."""
-    ds = PackedRows(cfg, shards=shards, split=split, rank=rank, world_size=world_size, loop=loop)
+                 split: str | None = None, loop: bool = True, num_workers: int | None = None,
+                 start: dict | None = None, batches_done: int = 0, pin_memory: bool = False):
+    """DataLoader yielding LoaderBatches of cfg.batch_rows packed rows for this rank.
+
+    start / batches_done: resume from checkpointed reader positions after `batches_done` consumed batches (the
+    DataLoader takes batches from its workers in turn, so the next one comes from worker batches_done % workers).
+    """
     nw = cfg.num_workers if num_workers is None else num_workers
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_rows, collate_fn=collate, num_workers=nw,
-                                       worker_init_fn=_worker_init if nw else None,
-                                       persistent_workers=nw > 0 and loop, drop_last=loop)
+    ds = PackedRows(cfg, shards=shards, split=split, rank=rank, world_size=world_size, loop=loop, start=start,
+                    rotate=batches_done % max(1, nw))
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_rows, collate_fn=collate_rows, num_workers=nw,
+                                       worker_init_fn=_worker_init if nw else None, pin_memory=pin_memory,
+                                       persistent_workers=nw > 0 and loop, drop_last=loop,
+                                       prefetch_factor=4 if nw else None)
 
 
 def dist_env() -> tuple[int, int]:

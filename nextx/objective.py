@@ -82,7 +82,10 @@ def _image_times(batch: Batch, cfg: ObjectiveConfig, generator: torch.Generator 
     gen = batch.image_generate.nonzero(as_tuple=True)[0].cpu()                        # (n_gen,)
     t = torch.zeros(n_img, dtype=torch.float64)
     s, r = t.clone(), t.clone()
-    groups = list(torch.split(gen, cfg.group_size)) if len(gen) else []
+    if cfg.grouping == "copies":  # one group per image: its noise copies are the particles
+        groups = list(gen.split(1)) if len(gen) else []
+    else:
+        groups = list(torch.split(gen, cfg.group_size)) if len(gen) else []
     if not groups:
         return t, s, r, groups
     if cfg.kind == "flow":
@@ -111,17 +114,16 @@ def _forward(model, batch: Batch, latents: torch.Tensor, t: torch.Tensor, s: tor
 
 
 def _gather_images(v: torch.Tensor, noise: torch.Tensor, grids: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
-    """Noise-token values (B, L, C) -> (n_gen, N, C) per generated image, in batch image order.
+    """Noise-token values (B, L, C) -> (n_gen, K*N, C) per generated image, in batch image order (K noise copies).
 
-    Row-major flattening of (B, L) visits images in their batch-global index order, and each image's noise
-    split lists its N tokens in grid order, so a boolean select then a reshape recovers the images."""
+    Row-major flattening of (B, L) visits images in their batch-global index order, and each image's K noise
+    splits list their N tokens in grid order, so a boolean select then a reshape recovers the images."""
     sel = v[noise]                                                                    # (n_gen * N, C)
     hw = grids[gen].prod(dim=1)
     if len(hw) and not bool((hw == hw[0]).all()):
         raise ValueError("IMM groups need images of one size in a batch; got token counts "
                          f"{sorted(set(hw.tolist()))} (use one image tokenizer resolution per run)")
-    n = int(hw[0]) if len(hw) else 0
-    return sel.reshape(len(gen), n, sel.shape[-1])
+    return sel.reshape(len(gen), -1, sel.shape[-1])
 
 
 def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds, *, attention: str = "sdpa",
@@ -170,19 +172,21 @@ def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds,
         y_target = _target_pass(model, batch, x, eps, r, s, mask, cfg)               # f(x_r, s, r), (B, L, C)
         yi = _gather_images(y, noise_tok, batch.image_grid, gen)                      # (n_gen, N, C)
         yt = _gather_images(y_target, noise_tok, batch.image_grid, gen)
-        # groups are consecutive chunks of M generated images; the last one may be smaller
-        M, n_full = cfg.group_size, len(gen) // cfg.group_size
         tg = torch.stack([t[g[0]] for g in groups]).to(device)                        # (G,) float64
         sg = torch.stack([s[g[0]] for g in groups]).to(device)
+        kw = dict(sigma_d=cfg.sigma_d, a=cfg.a, b=cfg.b)
         losses = []
-        if n_full:
+        if cfg.grouping == "copies":  # (n_gen, K*N, C) -> (G = n_gen, M = K, N, C): one group per image
+            N, C = int(batch.image_grid[gen[0]].prod()), yi.shape[-1]
+            losses.append(imm.mmd_loss(yi.reshape(len(gen), -1, N, C), yt.reshape(len(gen), -1, N, C), tg, sg, **kw))
+        else:  # consecutive chunks of M generated images; the last one may be smaller
+            M, n_full = cfg.group_size, len(gen) // cfg.group_size
             k = n_full * M
-            losses.append(imm.mmd_loss(yi[:k].reshape(n_full, M, *yi.shape[1:]), yt[:k].reshape(n_full, M, *yt.shape[1:]),
-                                       tg[:n_full], sg[:n_full], sigma_d=cfg.sigma_d, a=cfg.a, b=cfg.b))
-        if len(gen) > n_full * M:
-            k = n_full * M
-            losses.append(imm.mmd_loss(yi[None, k:], yt[None, k:], tg[n_full:], sg[n_full:], sigma_d=cfg.sigma_d,
-                                       a=cfg.a, b=cfg.b))
+            if n_full:
+                losses.append(imm.mmd_loss(yi[:k].reshape(n_full, M, *yi.shape[1:]),
+                                           yt[:k].reshape(n_full, M, *yt.shape[1:]), tg[:n_full], sg[:n_full], **kw))
+            if len(gen) > k:
+                losses.append(imm.mmd_loss(yi[None, k:], yt[None, k:], tg[n_full:], sg[n_full:], **kw))
         per_group = torch.cat(losses)                                                 # (G,)
         img_loss = per_group.mean().float()
         parts["imm"] = float(img_loss.detach())

@@ -88,14 +88,20 @@ class DocLayout:
         return len(self.ids)
 
 
-def layout_document(segments: Sequence, special: SpecialIds, *, drop_trailing_clean: bool = True) -> DocLayout:
+def layout_document(segments: Sequence, special: SpecialIds, *, drop_trailing_clean: bool = True,
+                    noise_copies: int = 1) -> DocLayout:
     """Tokenized segments (list[int] for text, ImageTokens for images) -> DocLayout (see module docstring).
+
+    noise_copies = M > 1 writes M noise splits per generated image (`<boi>` Z_1 .. Z_M [C]): the M IMM particles
+    of one group, each with its own noise, all conditioned on the same prefix and blind to each other (masks.py).
 
     The document opens with <bos>; it closes with <eos> unless it ends with an image whose clean split is
     dropped (nothing follows it, so neither <eoi> nor <eos> would see a clean image).
     """
     if not segments:
         raise ValueError("a document needs at least one segment")
+    if noise_copies < 1:
+        raise ValueError(f"noise_copies must be >= 1, got {noise_copies}")
     ids: list[int] = []
     kind: list[int] = []
     split: list[int] = []
@@ -129,7 +135,8 @@ def layout_document(segments: Sequence, special: SpecialIds, *, drop_trailing_cl
             images.append(seg)
             text([special.boi])
             if seg.generate:
-                image_split(seg, NOISE, idx)
+                for _ in range(noise_copies):
+                    image_split(seg, NOISE, idx)
             if not (last and drop_trailing_clean and seg.generate):
                 image_split(seg, CLEAN, idx)
             else:

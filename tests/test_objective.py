@@ -168,3 +168,33 @@ def test_loss_is_reproducible_and_trains():
         opt.step()
         first = first if first is not None else parts["ce"]
     assert parts["ce"] < 0.75 * first and np.isfinite(parts["imm"])
+
+
+def test_imm_copies_grouping_matches_a_per_image_reference():
+    """grouping=copies: the M noise splits of one image are one group; compare with a loop over images."""
+    rng = np.random.default_rng(8)
+    docs = [layout_document([[int(x) for x in rng.integers(6, 40, size=3)],
+                             ImageTokens((rng.normal(size=(6, C)) * 0.5).astype(np.float32), GRID)], SP, noise_copies=3)
+            for _ in range(4)]
+    b = collate([pack_row(docs[:2], 64, SP.pad), pack_row(docs[2:], 64, SP.pad)])
+    m = _model(1)
+    cfg = ObjectiveConfig(grouping="copies", cfg_drop=0.0, text_weight=0.0)
+    loss, parts = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    t, s, r, groups = _image_times(b, cfg, g)
+    assert parts["groups"] == 4 and [len(x) for x in groups] == [1, 1, 1, 1]
+    eps = torch.randn(b.latents.shape, generator=g) * 0.5
+    noise = (b.kind == NOISE).unsqueeze(-1)
+    tt, ss, rr = (v.float()[b.img.clamp(min=0)].unsqueeze(-1) for v in (t, s, r))
+    x_t = torch.where(noise, (1 - tt) * b.latents + tt * eps, b.latents)
+    x_r = torch.where(noise, (1 - rr) * b.latents + rr * eps, b.latents)
+    mask = dense_mask(b.doc, b.kind, b.split)
+    with torch.no_grad():
+        G_t = m(b.ids, b.kind, b.pos, b.pos2d, x_t, b.img, t.float(), s.float(), mask).latent_out
+        G_r = m(b.ids, b.kind, b.pos, b.pos2d, x_r, b.img, r.float(), s.float(), mask).latent_out
+    ref = []
+    for i in range(4):
+        y = (_noise_values(x_t, b, i) - (t[i] - s[i]) * 0.5 * _noise_values(G_t, b, i)).double().reshape(1, 3, 6, C)
+        yt = (_noise_values(x_r, b, i) - (r[i] - s[i]) * 0.5 * _noise_values(G_r, b, i)).double().reshape(1, 3, 6, C)
+        ref.append(imm.mmd_loss(y, yt, t[i:i + 1], s[i:i + 1]))
+    assert abs(loss.item() - torch.cat(ref).mean().item()) < 1e-5 * max(1.0, abs(torch.cat(ref).mean().item()))

@@ -111,3 +111,18 @@ def test_collate_places_latents_in_both_splits():
     assert batch.image_generate.tolist() == [True, False]
     assert batch.latents[batch.kind == TEXT].abs().sum() == 0
     assert batch.n_tokens()["noise"] == 4 and batch.n_tokens()["clean"] == 8
+
+
+def test_noise_copies_write_m_noise_splits_sharing_positions():
+    sp = SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
+    im = ImageTokens(np.arange(8, dtype=np.float32).reshape(4, 2), (2, 2), generate=True)
+    d = layout_document([[7, 8], im], sp, noise_copies=3)
+    noise = d.kind == NOISE
+    assert noise.sum() == 12 and len(set(d.split[noise].tolist())) == 3      # three splits of 4 tokens
+    assert set(d.pos[noise].tolist()) == {4}                                 # one 1D slot for every copy
+    assert d.pos2d[noise].reshape(3, 4, 2).tolist() == [[[0, 0], [0, 1], [1, 0], [1, 1]]] * 3
+    b = collate([pack_row([d], 24, 0)])
+    lat = b.latents[0][b.kind[0] == NOISE].reshape(3, 4, 2)
+    assert all(torch.equal(lat[k], torch.from_numpy(im.tokens)) for k in range(3))  # same clean x in every copy
+    with pytest.raises(ValueError, match="noise_copies"):
+        layout_document([[7], im], sp, noise_copies=0)

@@ -1,0 +1,274 @@
+"""Checkpoints and exports: `checkpoints/step_N/` + a `latest` pointer, never left pointing at a partial save.
+
+Layout of a run directory (STYLE §20):
+
+    runs/<name>/config.yaml                    the resolved config
+    runs/<name>/metrics.jsonl                  one JSON line per log step (the same dict goes to TensorBoard, tb/)
+    runs/<name>/checkpoints/latest             text file: the name of the newest complete checkpoint
+    runs/<name>/checkpoints/step_0000100/      engine state + train_state_rank*.pt + config.yaml
+    runs/<name>/exports/step_0000100/          model.safetensors (+ ema.safetensors) + config.yaml, for inference
+    runs/<name>/samples/                       sample grids and captions (train.sample_every)
+
+Engine state: the plain engine writes `state.pt` (model, optimizer, step, EMA); DeepSpeed writes its own files
+(`mp_rank_00_model_states.pt`, `*_optim_states.pt` per ZeRO partition) plus `ema_rank*.pt`. Every rank writes its
+`train_state_rankNNNNN.pt`: step, data read position, consumed-batch count, RNG states (python, numpy, torch CPU and
+CUDA). The objective's generator needs no state: it is re-seeded from (seed, step, micro-batch) every micro-batch.
+
+Atomicity: everything is written into `.tmp_step_N/` (DeepSpeed is told that tag, with its own `latest` off), then
+rank 0 renames it to `step_N/` (atomic on one filesystem) and only then replaces `latest` by an atomic rename. A
+crash at any point leaves `latest` naming the previous complete checkpoint; the stale `.tmp_*` is removed by the
+next save or resume.
+
+Export: the consolidated fp32 state dict (gathered parameter by parameter under ZeRO-3) as safetensors, written the
+same way (`.tmp_` dir, rename). `load_for_inference` reads an export, a plain `state.pt`, or a DeepSpeed checkpoint
+(ZeRO-3 partitions consolidated with DeepSpeed's zero_to_fp32).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nextx.config import Config, load_config, save_config
+
+LATEST = "latest"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    if _rank_world()[1] > 1:
+        torch.distributed.barrier()
+
+
+def fault_point(where: str, step: int) -> None:
+    """Test hook: NEXTX_FAULT=where:step (e.g. save:4, step:3) SIGKILLs this process there (a real crash)."""
+    spec = os.environ.get("NEXTX_FAULT", "")
+    if spec and spec == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        pass
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename a fully written tmp dir into place (replacing an older one of the same name)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _write_pointer(ck: Path, name: str) -> None:
+    tmp = ck / f".{LATEST}.tmp"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ck / LATEST)
+    _fsync_dir(ck)
+
+
+def rng_state() -> dict:
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def save_checkpoint(out: Path, engine, cfg: Config, step: int, extra: dict | None = None, *,
+                    train_state: dict | None = None, keep: int = 0) -> Path:
+    """All ranks: write checkpoints/step_N/ atomically and point `latest` at it. Returns the directory.
+
+    train_state: this rank's client state (data position, ...); `extra` (rank 0) is merged into it.
+    keep > 0 deletes all but the newest `keep` checkpoints afterwards."""
+    rank, _ = _rank_world()
+    ck = Path(out) / "checkpoints"
+    d, tmp = ck / step_name(step), ck / f".tmp_{step_name(step)}"
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    engine.save_state(tmp)
+    state = {"step": step, "rng": rng_state(), **(train_state or {})}
+    if rank == 0 and extra:
+        state.update(extra)
+    torch.save(state, tmp / f"train_state_rank{rank:05d}.pt")
+    if rank == 0:
+        save_config(cfg, tmp / "config.yaml")
+    fault_point("save", step)
+    barrier()
+    if rank == 0:
+        _publish(tmp, d)
+        _write_pointer(ck, d.name)
+        if keep > 0:
+            done = sorted(p for p in ck.glob("step_*") if p.is_dir())
+            for old in done[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return d
+
+
+def clean_partial(out: Path) -> None:
+    """Rank 0: remove `.tmp_*` dirs a crash left behind in checkpoints/ and exports/."""
+    for sub in ("checkpoints", "exports"):
+        for p in (Path(out) / sub).glob(".tmp_*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The step dir `checkpoints/latest` names, or None."""
+    ptr = Path(out) / "checkpoints" / LATEST
+    if not ptr.is_file():
+        return None
+    d = ptr.parent / ptr.read_text().strip()
+    return d if d.is_dir() else None
+
+
+def load_train_state(d: Path, rank: int) -> dict:
+    f = Path(d) / f"train_state_rank{rank:05d}.pt"
+    if not f.is_file():
+        return {}
+    return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def export(out: Path, engine, cfg: Config, step: int) -> Path | None:
+    """All ranks (a collective under ZeRO-3): exports/step_N/{model.safetensors, ema.safetensors, config.yaml}."""
+    from safetensors.torch import save_file
+
+    rank, _ = _rank_world()
+    sd = engine.full_state_dict()
+    ema = engine.full_state_dict(ema=True) if getattr(engine, "ema", None) is not None else None
+    if rank != 0:
+        barrier()
+        return None
+    ex = Path(out) / "exports"
+    d, tmp = ex / step_name(step), ex / f".tmp_{step_name(step)}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"step": str(step)})
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"),
+                  metadata={"step": str(step), "decay": str(cfg.optim.ema_decay)})
+    save_config(cfg, tmp / "config.yaml")
+    _publish(tmp, d)
+    barrier()
+    return d
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading for inference
+
+
+def _is_deepspeed_dir(p: Path) -> bool:
+    """DeepSpeed model states: mp_rank_00_model_states.pt (ZeRO 0-2) or zero_pp_rank_*_model_states.pt (ZeRO-3)."""
+    return any(p.glob("*model_states.pt"))
+
+
+def _is_step_dir(p: Path) -> bool:
+    return (p / "model.safetensors").is_file() or (p / "state.pt").is_file() or _is_deepspeed_dir(p)
+
+
+def resolve(path: str | Path) -> Path:
+    """A run dir, a checkpoints dir, an exports dir or a step dir -> the dir to load.
+
+    A run dir resolves to the export of its latest checkpoint when there is one, else to the checkpoint."""
+    p = Path(path)
+    if (p / "checkpoints" / LATEST).is_file():
+        d = p / "checkpoints" / (p / "checkpoints" / LATEST).read_text().strip()
+        ex = p / "exports" / d.name
+        return ex if (ex / "model.safetensors").is_file() else d
+    if (p / LATEST).is_file():
+        return p / (p / LATEST).read_text().strip()
+    if _is_step_dir(p):
+        return p
+    for exports in (p / "exports", p):
+        found = sorted(q for q in exports.glob("step_*") if (q / "model.safetensors").is_file())
+        if found:
+            return found[-1]
+    raise FileNotFoundError(f"{p}: no checkpoint found (expected a run dir with checkpoints/latest or exports/, a "
+                            "checkpoints dir with latest, or a step dir with model.safetensors, state.pt or "
+                            "DeepSpeed files)")
+
+
+def _strip(sd: dict, prefix: str = "net.") -> dict:
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
+
+
+def read_state_dict(d: Path, cfg: Config, *, ema: bool = False) -> dict:
+    """The model's fp32 state dict from a step dir of any kind (see `resolve`)."""
+    d = Path(d)
+    if (d / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        f = d / ("ema.safetensors" if ema else "model.safetensors")
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: this export has no EMA weights (optim.ema_decay was 0)")
+        return load_file(str(f))
+    if (d / "state.pt").is_file():
+        sd = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
+        if ema:
+            raise ValueError(f"{d}: EMA weights are read from exports (exports/step_N/ema.safetensors)")
+        return sd["model"]
+    if _is_deepspeed_dir(d):
+        if ema:
+            raise ValueError(f"{d}: EMA weights are read from exports (exports/step_N/ema.safetensors)")
+        if not (d / "mp_rank_00_model_states.pt").is_file():  # ZeRO-3: parameters live in the partitions
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            return _strip(get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name))
+        sd = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return _strip({k: v.float() if v.is_floating_point() else v for k, v in sd["module"].items()})
+    raise FileNotFoundError(f"{d}: no model.safetensors, state.pt or DeepSpeed model states")
+
+
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu", *, ema: bool = False):
+    """-> (model in eval mode, cfg, text tokenizer, image tokenizer, SpecialIds) from an export or a checkpoint.
+
+    path: a run dir (its latest export, else its latest checkpoint), a checkpoints/exports step dir. ema=True
+    loads the EMA weights of an export."""
+    from nextx.latents import load_image_tokenizer
+    from nextx.sequence import SpecialIds
+    from nextx.tokenizer import load_tokenizer
+    from nextx.train import build_model
+
+    d = resolve(path)
+    cfg = load_config(d / "config.yaml")
+    text_tok = load_tokenizer(cfg.data.text_tokenizer)
+    image_tok = load_image_tokenizer(cfg.data.image_tokenizer)
+    cfg.model.hf_init = ""  # the checkpoint holds every weight
+    model = build_model(cfg, text_tok, image_tok)
+    model.load_state_dict(read_state_dict(d, cfg, ema=ema))
+    return model.to(device).eval(), cfg, text_tok, image_tok, SpecialIds.from_tokenizer(text_tok)

@@ -1,0 +1,566 @@
+"""The training loop, top to bottom: `nextx train CONFIG [key=value ...]` or `python -m nextx.train CONFIG ...`.
+
+Launch (rank and world size come from the environment; see README "Training on several processes and machines"):
+    nextx train configs/tiny.yaml                                   one process (plain or DeepSpeed)
+    torchrun --nproc_per_node 8 -m nextx.train configs/small.yaml   one machine, 8 processes
+    deepspeed --num_gpus 8 --module nextx.train configs/base.yaml   the DeepSpeed launcher (--hostfile for many)
+    sbatch scripts/slurm_example.sbatch configs/base.yaml           SLURM, srun + torchrun per node
+
+Steps: config -> distributed init -> run dir (config.yaml, metrics.jsonl, tb/) -> tokenizers -> model -> engine
+-> resume (engine state, data position, RNG) -> packed batches -> loop {objective, backward, step, log, samples,
+eval, checkpoint} -> final checkpoint + export.
+
+Per micro-batch k of the global batch at step n (k = accumulation index x world + rank) the objective's generator
+is seeded from (train.seed, n, k): the random draws then do not depend on how the global batch is split into ranks
+and accumulation steps (1 process x 2 accumulation steps == 2 processes x 1) nor on where a run was resumed.
+
+Host syncs: the loop itself reads device values only at log steps (losses are summed on the host from the parts
+the objective returns; token counts come from the CPU batch before the copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nextx.checkpoint import (barrier, clean_partial, export, fault_point, latest_checkpoint, load_train_state,
+                              save_checkpoint, set_rng_state)
+from nextx.config import Config, ConfigError, load_config, save_config, to_dict
+from nextx.data import build_loader
+from nextx.engine import build_engine, init_distributed
+from nextx.objective import compute_loss
+from nextx.sequence import NOISE, PAD, SpecialIds
+
+# Dense bf16 tensor-core peaks per device, TFLOP/s (vendor datasheets; the "PCIe" entries are checked first).
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0,
+               "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
+               "RTX 4090": 165.0, "RTX 3090": 71.0}
+LOSS_KEYS = ("loss", "ce", "imm", "flow")            # averaged over micro-batches and ranks
+COUNT_KEYS = ("text_targets", "images", "cfg_dropped", "groups")  # summed
+
+
+def print0(*a, **k):
+    if _rank() == 0:
+        print(*a, **k, flush=True)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def build_model(cfg: Config, text_tok, image_tok):
+    """The model for this config: fresh, or text path initialised from a local HF Llama (model.hf_init)."""
+    from nextx.model import NextX, load_hf_llama
+
+    vocab = cfg.model.vocab_size or text_tok.vocab_size
+    if vocab < text_tok.vocab_size:
+        raise ConfigError(f"model.vocab_size: {vocab} is smaller than the text tokenizer's {text_tok.vocab_size}")
+    if cfg.model.hf_init:
+        hf_vocab = json.loads((Path(cfg.model.hf_init) / "config.json").read_text()).get("vocab_size", 0)
+        return load_hf_llama(cfg.model.hf_init, vocab_size=max(vocab, hf_vocab), latent_dim=image_tok.token_dim,
+                             pos2d=cfg.model.pos2d, time_freq_dim=cfg.model.time_freq_dim,
+                             attention=cfg.model.attention,
+                             activation_checkpointing=cfg.model.activation_checkpointing)
+    return NextX(cfg.model, vocab_size=vocab, latent_dim=image_tok.token_dim)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def micro_seed(seed: int, step: int, k: int) -> int:
+    """Seed of the objective's generator for micro-batch k of the global batch at optimizer step `step`."""
+    return ((seed * 1_000_003 + step) * 65_537 + k) % (2**63 - 1)
+
+
+PER_IMAGE_PARAMS = ("time_mlp.", "gap_mlp.", ".ada.", "final_ada.")  # run once per image, not per token
+
+
+def token_flops(model, seq_len: int) -> float:
+    """Training FLOPs per token (fwd + bwd): model.flops_per_token minus the parameters that run once per image
+    (time MLPs and adaLN projections: n_img x D inputs, negligible), which 6N would count per token."""
+    per_image = sum(p.numel() for n, p in model.named_parameters() if any(k in f".{n}" for k in PER_IMAGE_PARAMS))
+    return model.flops_per_token(seq_len) - 6.0 * per_image
+
+
+def peak_flops(cfg: Config, device: torch.device) -> float | None:
+    """Per-device peak FLOP/s for MFU: train.peak_tflops, else the table by GPU name; None on CPU/unknown."""
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tf in PEAK_TFLOPS.items():
+        if key in name:
+            return tf * 1e12
+    return None
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak memory since the last call: CUDA allocated on GPU, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        m = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+        return m
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _resume_keys(cfg: Config) -> dict:
+    d = to_dict(cfg)
+    d["data"].pop("num_workers")
+    return {k: d[k] for k in ("model", "data", "objective", "optim", "dist")} | {"seed": d["train"]["seed"]}
+
+
+def find_resume(cfg: Config, out: Path) -> Path | None:
+    """The checkpoint to continue from, per train.resume (see TrainConfig)."""
+    if cfg.train.resume == "never":
+        return None
+    d = latest_checkpoint(out)
+    if d is None:
+        if cfg.train.resume == "must":
+            raise ConfigError(f"train.resume: 'must' but {out}/checkpoints has no complete checkpoint")
+        return None
+    old = load_config(d / "config.yaml")
+    if _resume_keys(old) != _resume_keys(cfg):
+        a, b = _resume_keys(old), _resume_keys(cfg)
+        diff = [k for k in a if a[k] != b[k]]
+        if cfg.train.resume == "must":
+            raise ConfigError(f"train.resume: {d} was written with a different config ({', '.join(diff)})")
+        print0(f"warning: not resuming {d}: its config differs in {', '.join(diff)}; starting fresh "
+               f"(train.resume=never silences this)")
+        return None
+    return d
+
+
+# --------------------------------------------------------------------------------------------------------
+# Periodic extras: sample grids and quick eval
+
+
+def fixed_examples(cfg: Config, text_tok, image_tok, n: int) -> tuple[list[str], torch.Tensor]:
+    """The first n caption+image documents of the val shards (or train shards): captions and image latents."""
+    from nextx.data import _image_tokens
+    from nextx.documents import BadSample, decode_document, iter_raw_samples, shard_paths
+
+    src = cfg.data.val_shards or cfg.data.train_shards
+    split = cfg.data.val_split if cfg.data.val_shards else cfg.data.train_split
+    caps, lats = [], []
+    for raw in iter_raw_samples(shard_paths(src, split)):
+        try:
+            doc = decode_document(raw)
+            if not doc.is_pair():
+                continue
+            lats.append(torch.from_numpy(_image_tokens(doc.images, image_tok, cfg.data.use_latents, doc.key)[0]))
+        except (BadSample, ValueError):
+            continue
+        caps.append(doc.texts[0])
+        if len(caps) == n:
+            break
+    return caps, torch.stack(lats) if lats else torch.zeros(0)
+
+
+@torch.no_grad()
+def sample_grid(model, cfg: Config, examples, text_tok, image_tok, special, out: Path, step: int, device) -> None:
+    """samples/step_N.png (rows: truth, 1, 2, 4, 8 IMM steps; columns: fixed prompts) + step_N.json (captions of
+    the fixed images). Every rank runs it under ZeRO-3 (gathers are collective); rank 0 writes."""
+    from PIL import Image as PILImage
+
+    from nextx.sampling import caption, t2i
+
+    caps, lats = examples
+    if not caps:
+        return
+    was = model.training
+    model.eval()
+    rows = [image_tok.decode(lats)]
+    prompts = [text_tok.encode(c) for c in caps]
+    for k in (1, 2, 4, 8):  # the KV-cached samplers (nextx.sampling) run flex-trained models on SDPA themselves
+        x = t2i(model, prompts, special, grid=image_tok.grid, latent_dim=image_tok.token_dim, steps=k,
+                sigma_d=cfg.objective.sigma_d, T=cfg.objective.T, eps=cfg.objective.eps,
+                generator=torch.Generator().manual_seed(0), device=device)
+        rows.append(image_tok.decode(x.cpu()))
+    ids = caption(model, lats.to(device), special, grid=image_tok.grid, max_new_tokens=cfg.data.max_text_tokens,
+                  suppress=(special.pad, special.bos, special.boi, special.eoi))
+    model.train(was)
+    if _rank() != 0:
+        return
+    grid = torch.cat(rows)                                                          # (5 n, 3, H, W)
+    n, (h, w) = len(caps), grid.shape[-2:]
+    arr = (grid.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    canvas = np.full((len(rows) * h, n * w, 3), 255, np.uint8)
+    for i, a in enumerate(arr):
+        r, c = divmod(i, n)
+        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = a
+    d = out / "samples"
+    d.mkdir(exist_ok=True)
+    scale = max(1, 128 // h)
+    PILImage.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), PILImage.NEAREST).save(
+        d / f"step_{step:07d}.png")
+    (d / f"step_{step:07d}.json").write_text(json.dumps(
+        {"step": step, "rows": ["truth", "1 step", "2 steps", "4 steps", "8 steps"], "prompts": caps,
+         "captions": [{"truth": t, "generated": text_tok.decode(g)} for t, g in zip(caps, ids)]}, indent=2))
+
+
+@torch.no_grad()
+def quick_eval(engine, cfg: Config, special, rank: int, world: int, device, agree=None) -> dict:
+    """Mean loss parts over train.eval_batches val batches per rank (fixed generator seeds), all ranks averaged."""
+    if not cfg.data.val_shards:
+        return {}
+    loader = build_loader(cfg.data, rank=rank, world_size=world, shards=cfg.data.val_shards,
+                          split=cfg.data.val_split, loop=False, num_workers=0)
+    model = engine.model
+    was = model.training
+    model.eval()
+    sums = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64)
+    gen = torch.Generator()
+    uniform = engine_is_zero3(engine) and agree is not None  # ZeRO-3 forwards gather collectively
+    it = iter(loader)
+    for i in range(cfg.train.eval_batches):
+        batch = next(it, None)
+        if uniform:
+            if agree.sums([float(batch is not None)])[0] < world:
+                break
+            if not agree.same_graph(batch):
+                continue
+        elif batch is None:
+            break
+        gen.manual_seed(micro_seed(cfg.train.seed + 1, 0, i * world + rank))
+        with engine.autocast():
+            _, parts = compute_loss(model, batch.to(device), cfg.objective, special, attention=cfg.model.attention,
+                                    n_heads=cfg.model.n_heads, generator=gen)
+        sums += torch.tensor([parts.get(k, 0.0) for k in LOSS_KEYS] + [1.0], dtype=torch.float64)
+    model.train(was)
+    sums = _all_reduce(sums, world)
+    n = max(1.0, float(sums[-1]))
+    return {f"val_{k}": float(v) / n for k, v in zip(LOSS_KEYS, sums[:-1]) if k in ("loss", "ce", cfg.objective.kind)}
+
+
+def _all_reduce(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Sum over ranks (float64 on CPU in the caller; moved to the device for nccl)."""
+    if world == 1:
+        return x
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else x.device
+    y = x.to(dev)
+    torch.distributed.all_reduce(y)
+    return y.cpu()
+
+
+class Metrics:
+    """metrics.jsonl + TensorBoard (rank 0); a null object elsewhere."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.enabled = enabled
+        self.file = (out / "metrics.jsonl").open("a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:  # tensorboard is optional at run time
+                self.tb = None
+
+    def write(self, rec: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt(rec: dict) -> str:
+    def f(k, v):
+        if isinstance(v, float):
+            return f"{k} {v:.4g}"
+        return f"{k} {v}"
+    return " | ".join(f(k, v) for k, v in rec.items())
+
+
+# --------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict:
+    """Run the loop; returns a summary: step, parts (last micro-batch), seconds, out, model (consolidated on
+    rank 0), text_tok, image_tok, special."""
+    from tqdm import tqdm
+
+    from nextx.latents import load_image_tokenizer
+    from nextx.tokenizer import load_tokenizer
+
+    rank, world, device = init_distributed(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_all(cfg.train.seed)  # identical model init on every rank (ZeRO-3 keeps each rank's own partition)
+    out = cfg.out_dir
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        clean_partial(out)
+    barrier()
+    resume_from = find_resume(cfg, out)
+    if rank == 0:
+        save_config(cfg, out / "config.yaml")
+    text_tok = load_tokenizer(cfg.data.text_tokenizer)
+    image_tok = load_image_tokenizer(cfg.data.image_tokenizer)
+    special = SpecialIds.from_tokenizer(text_tok)
+    model = build_model(cfg, text_tok, image_tok).to(device)
+    n_params = model.num_params()
+    flops_tok = token_flops(model, cfg.data.row_len)  # fwd+bwd per token (before ZeRO-3 partitions the params)
+    if cfg.dist.compile:
+        for blk in model.layers:
+            blk.compile()
+    engine = build_engine(cfg, model)
+
+    # ---- resume: engine state, RNG, data position
+    state: dict = {}
+    if resume_from is not None:
+        engine.load_state(resume_from)
+        state = load_train_state(resume_from, rank)
+        if state.get("rng"):
+            set_rng_state(state["rng"])
+        if state.get("world_size", world) != world or state.get("num_workers") != cfg.data.num_workers:
+            print0("warning: world size or data.num_workers changed since the checkpoint; the data streams restart "
+                   "at the next epoch (not an exact resume)")
+            epoch = max((e for e, _ in state.get("positions", {}).values()), default=-1) + 1
+            state["positions"], state["batches"] = {}, 0
+            state["epoch_floor"] = epoch
+    positions: dict = dict(state.get("positions", {}))
+    batches = int(state.get("batches", 0))
+    if "epoch_floor" in state:
+        n_readers = max(1, cfg.data.num_workers)
+        positions = {rank * n_readers + w: (state["epoch_floor"], 0) for w in range(n_readers)}
+    step = engine.step_count
+    print0(f"model: {n_params / 1e6:.2f}M params | {cfg.dist.engine} zero {cfg.dist.zero_stage} "
+           f"{cfg.dist.precision} x {world} process(es) | run dir {out}"
+           + (f" | resumed from {resume_from.name}" if resume_from else ""))
+
+    loader = build_loader(cfg.data, rank=rank, world_size=world, start=positions, batches_done=batches,
+                          pin_memory=device.type == "cuda")
+    examples = (fixed_examples(cfg, text_tok, image_tok, cfg.train.sample_prompts)
+                if cfg.train.sample_every else ([], None))
+    metrics = Metrics(out, enabled=rank == 0)
+    peak = peak_flops(cfg, device)
+    bar = tqdm(total=cfg.train.steps, initial=step, disable=quiet or rank != 0 or not sys.stderr.isatty(),
+               dynamic_ncols=True, desc="train")
+    say = bar.write if not bar.disable else print0
+
+    gen = torch.Generator()
+    t0 = t_last = time.perf_counter()
+    acc = _new_acc()
+    parts: dict = {}
+    last_saved = step
+    stop = step >= cfg.train.steps
+    engine.model.train()
+    it = iter(loader)
+    agree = RankAgreement(world) if cfg.dist.engine == "deepspeed" and world > 1 else None
+    micro = 0  # micro-batch index within the current optimizer step
+    while not stop:
+        batch = next(it)
+        positions[batch.position[0]] = batch.position[1:]
+        batches += 1
+        if agree is not None and not agree.same_graph(batch):
+            acc["skipped"] += 1
+            continue
+        _count(acc, batch, flops_tok)
+        gen.manual_seed(micro_seed(cfg.train.seed, step, micro * world + rank))
+        micro += 1
+        batch = batch.to(device, non_blocking=True)
+        with engine.autocast():
+            loss, parts = compute_loss(engine.model, batch, cfg.objective, special, attention=cfg.model.attention,
+                                       n_heads=cfg.model.n_heads, generator=gen)
+        engine.backward(loss)
+        info = engine.step()
+        for k in LOSS_KEYS:
+            acc["loss_sums"][k] += parts.get(k, 0.0)
+        for k in COUNT_KEYS:
+            acc["counts"][k] += parts.get(k, 0)
+        acc["micro"] += 1
+        if info is None:
+            continue
+        micro = 0  # checkpoints fall on step boundaries, so a resumed run starts at micro 0 too
+        step = engine.step_count
+        bar.update(1)
+        fault_point("step", step)
+        is_log = step % cfg.train.log_every == 0 or step >= cfg.train.steps
+        timed_out = bool(max_minutes) and time.perf_counter() - t0 > 60 * max_minutes
+        if world > 1:  # decided at log steps only, by all ranks together (the flag is all-reduced)
+            timed_out = timed_out and is_log
+        if is_log or timed_out:
+            now = time.perf_counter()
+            rec, timed_out = _log_record(acc, info, step, now - t_last, now - t0, world, peak, device, cfg,
+                                         timed_out)
+            metrics.write(rec)
+            if not quiet:
+                say(_fmt(rec))
+            t_last, acc = now, _new_acc()
+        t_extra = time.perf_counter()
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+            ev = quick_eval(engine, cfg, special, rank, world, device, agree)
+            if ev:
+                metrics.write({"step": step, **ev})
+                if not quiet:
+                    say(_fmt({"step": step, **ev}))
+        if cfg.train.sample_every and step % cfg.train.sample_every == 0 and (engine_is_zero3(engine) or rank == 0):
+            sample_grid(engine.module, cfg, examples, text_tok, image_tok, special, out, step, device)
+        stop = step >= cfg.train.steps or timed_out
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != last_saved:
+            _save(out, engine, cfg, step, positions, batches, world)
+            last_saved = step
+        t_last += time.perf_counter() - t_extra  # rates count training time only
+    bar.close()
+    if step != last_saved:
+        _save(out, engine, cfg, step, positions, batches, world)
+    export(out, engine, cfg, step)
+    metrics.close()
+    final = _final_model(engine, cfg, text_tok, image_tok, device)
+    return {"step": step, "parts": parts, "seconds": time.perf_counter() - t0, "out": str(out),
+            "model": final, "text_tok": text_tok, "image_tok": image_tok, "special": special}
+
+
+def engine_is_zero3(engine) -> bool:
+    return bool(getattr(engine, "zero3", False))
+
+
+class RankAgreement:
+    """Keeps DeepSpeed ranks on one backward graph (and, under ZeRO-3, one sequence of parameter gathers).
+
+    DeepSpeed reduces gradients in buckets filled in arrival order, and ZeRO-3 gathers each module's parameters
+    collectively when it runs: every rank must run the same modules. The model runs its time path and adaLN, and
+    the objective its target pass, only on micro-batches holding a generated image, so the ranks must agree on
+    that, or the micro-batch is skipped on every rank (logged as `skipped`; rare with image-text pairs packed into
+    long rows, and exact-resume safe since it is a function of the data). Flags travel over gloo on the CPU: no
+    device sync. Disagreeing ranks would otherwise corrupt gradients silently (ZeRO 1-2: same sizes, other order)
+    or fail in a collective."""
+
+    def __init__(self, world: int):
+        self.world = world
+        self.group = None
+        if world > 1 and torch.distributed.get_backend() != "gloo":
+            self.group = torch.distributed.new_group(backend="gloo")
+
+    def sums(self, flags: list[float]) -> list[float]:
+        t = torch.tensor(flags, dtype=torch.float64)
+        if self.world > 1:
+            torch.distributed.all_reduce(t, group=self.group)
+        return t.tolist()
+
+    def same_graph(self, batch) -> bool:
+        n = self.sums([float(bool(batch.image_generate.any()))])[0]
+        return n == 0 or n == self.world
+
+
+def _new_acc() -> dict:
+    return {"loss_sums": dict.fromkeys(LOSS_KEYS, 0.0), "counts": dict.fromkeys(COUNT_KEYS, 0), "micro": 0,
+            "tokens": 0, "tokens_all": 0, "pad": 0, "images": 0, "flops": 0.0, "stats": {}, "skipped": 0}
+
+
+def _count(acc: dict, batch, flops_tok: float) -> None:
+    """Token, image and FLOP counts of a micro-batch, from the CPU batch (no device sync). The IMM target pass is
+    one extra forward (1/3 of fwd+bwd) on the rows holding noise tokens."""
+    kind = batch.kind
+    B, L = kind.shape
+    n_pad = int((kind == PAD).sum())
+    target_rows = int((kind == NOISE).any(dim=1).sum())
+    acc["tokens_all"] += B * L
+    acc["tokens"] += B * L - n_pad
+    acc["pad"] += n_pad
+    acc["images"] += int(batch.image_generate.sum())
+    acc["flops"] += flops_tok * B * L + flops_tok / 3 * target_rows * L
+    for k, v in batch.stats.items():
+        if isinstance(v, (int, float)):
+            acc["stats"][k] = acc["stats"].get(k, 0) + v
+
+
+def _log_record(acc, info, step, dt, elapsed, world, peak, device, cfg, timed_out) -> tuple[dict, bool]:
+    """The log dict: global means of the loss parts, sums of the counts, rates, MFU, memory. One all-reduce."""
+    stat_keys = sorted(acc["stats"])
+    vals = ([acc["loss_sums"][k] for k in LOSS_KEYS] + [acc["counts"][k] for k in COUNT_KEYS]
+            + [acc["micro"], acc["tokens"], acc["tokens_all"], acc["pad"], acc["images"], acc["flops"],
+               acc["skipped"], float(timed_out)])
+    red = _all_reduce(torch.tensor(vals, dtype=torch.float64), world).tolist()
+    nl, nc = len(LOSS_KEYS), len(COUNT_KEYS)
+    micro, tokens, tokens_all, pad, images, flops, skipped, tflag = red[nl + nc:]
+    rec: dict = {"step": step}
+    for k, v in zip(LOSS_KEYS, red[:nl]):
+        if k in ("loss", "ce", cfg.objective.kind):
+            rec[k] = v / max(1.0, micro)
+    gn = info.get("grad_norm")
+    rec["lr"] = info["lr"]
+    rec["grad_norm"] = float(gn) if gn is not None else float("nan")
+    rec["tokens_per_s"] = tokens / dt
+    rec["images_per_s"] = images / dt
+    rec["mfu"] = flops / dt / (peak * world) if peak else "n/a"
+    rec["mem_gb"] = memory_gb(device)
+    rec["packing"] = 1 - pad / max(1.0, tokens_all)
+    for k, v in zip(COUNT_KEYS, red[nl:nl + nc]):
+        rec[k] = int(v)
+    if skipped:
+        rec["skipped"] = int(skipped)  # micro-batches dropped on all ranks (ZeRO-3 control flow, see above)
+    for k in stat_keys:  # this rank's pipeline counters (bad samples, truncations)
+        rec[f"data_{k}"] = acc["stats"][k]
+    rec["elapsed_s"] = elapsed
+    return rec, tflag > 0
+
+
+def _save(out: Path, engine, cfg: Config, step: int, positions: dict, batches: int, world: int) -> None:
+    save_checkpoint(out, engine, cfg, step, keep=cfg.train.keep_checkpoints,
+                    train_state={"positions": dict(positions), "batches": batches, "world_size": world,
+                                 "num_workers": cfg.data.num_workers})
+    if cfg.train.export_on_save:
+        export(out, engine, cfg, step)
+
+
+def _final_model(engine, cfg: Config, text_tok, image_tok, device):
+    """The trained module; under ZeRO-3 a fresh copy holding the gathered weights (rank 0)."""
+    if not engine_is_zero3(engine):
+        return engine.module
+    sd = engine.full_state_dict()
+    if sd is None:
+        return engine.module
+    m = build_model(cfg, text_tok, image_tok)
+    m.load_state_dict(sd)
+    return m.to(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nextx train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config (configs/tiny.yaml, configs/small.yaml, configs/base.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 optim.lr=1e-3")
+    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this wall time (0 = no limit)")
+    p.add_argument("--quiet", action="store_true", help="no log lines on stdout (metrics.jsonl still written)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    a = p.parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    s = train(cfg, max_minutes=a.max_minutes, quiet=a.quiet)
+    print0(f"done: {s['step']} steps in {s['seconds']:.0f} s -> {s['out']}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
