@@ -146,7 +146,7 @@ def test_text_ce_is_normalised_by_targets_and_image_weight_zero_leaves_latent_he
                    torch.zeros(b.n_images), dense_mask(b.doc, b.kind, b.split)).text_logits
     keep = b.targets != IGNORE
     ref = torch.nn.functional.cross_entropy(logits[keep], b.targets[keep])
-    assert abs(float(loss) - float(ref)) < 1e-5 and parts["text_targets"] == int(keep.sum())
+    assert abs(loss.item() - ref.item()) < 1e-5 and parts["text_targets"] == int(keep.sum())
     loss.backward()
     head = [p for n, p in m.named_parameters() if "latent_head" in n]
     assert head and all(p.grad is None or float(p.grad.abs().sum()) == 0 for p in head)
@@ -158,7 +158,7 @@ def test_loss_is_reproducible_and_trains():
     cfg = ObjectiveConfig(group_size=2, image_weight=100.0)
     l1, _ = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(0))
     l2, _ = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(0))
-    assert float(l1) == float(l2)
+    assert l1.item() == l2.item()
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     first = None
     for i in range(30):
