@@ -48,7 +48,8 @@ class ModelConfig:
     rope_theta: float = 10000.0   # RoPE base of the 1D sequence positions
     norm_eps: float = 1e-5        # RMSNorm epsilon
     time_freq_dim: int = 256      # sinusoidal features of t and of t - s (fp32), each into its own MLP
-    pos2d: Literal["rope", "sincos", "none"] = "rope"  # 2D position inside an image (ARCHITECTURE §3)
+    pos2d: Literal["rope", "sincos", "rope+sincos", "none"] = "rope"  # 2D position inside an image (ARCHITECTURE §3)
+    sincos_scale: float = 0.0     # amplitude of the fixed 2D sin-cos table added to latent embeddings (0 -> init_std)
     attention: Literal["sdpa", "flex", "xformers"] = "sdpa"  # sdpa: dense bool mask (CPU, reference)
     activation_checkpointing: bool = False
     init_std: float = 0.02        # normal init of linear layers and embeddings

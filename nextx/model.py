@@ -33,7 +33,9 @@ share one slot). `pos2d`:
              uses `pos` in every section (text-only RoPE IS standard 1D RoPE: HF parity); an image token uses pos
              (temporal), pos + row (row pairs) and pos + col (col pairs).
   * "sincos" a fixed 2D sin-cos table of (row, col) (D/2 channels each, MAE/DiT-style), scaled by init_std so it is
-             on the scale of the latent and token embeddings at init, added to the latent embedding.
+             on the scale of the latent and token embeddings at init, added to the latent embedding
+             (`sincos_scale` sets another amplitude, e.g. 1.0 as in DiT).
+  * "rope+sincos"  both: relative row/col rotations and an absolute (row, col) signal on the latent embedding.
   * "none"   no 2D position.
 
 Heads. Final RMSNorm; LM head D -> V (`text_mask` selects the rows: logits (n_sel, V) flattened in row-major
@@ -337,8 +339,9 @@ class NextX(nn.Module):
             raise ValueError(f"latents have {latents.shape[-1]} channels, the model expects {self.latent_dim}")
         lat = torch.where(is_img, latents, torch.zeros((), dtype=latents.dtype, device=latents.device))
         z = self.latent_in(lat.to(self.latent_in.weight.dtype))                       # (B, L, D)
-        if self.cfg.pos2d == "sincos":
-            z = z + self.cfg.init_std * sincos_2d(pos2d, self.cfg.d_model).to(z.dtype)
+        if self.cfg.pos2d in ("sincos", "rope+sincos"):
+            scale = self.cfg.sincos_scale or self.cfg.init_std
+            z = z + scale * sincos_2d(pos2d, self.cfg.d_model).to(z.dtype)
         tok = self.embed_tokens(ids)                                                  # (B, L, D)
         return torch.where(is_img, z.to(tok.dtype), tok)      # residual stream stays in the weights' dtype (fp32)
 
@@ -353,7 +356,7 @@ class NextX(nn.Module):
 
     def _rope(self, pos, pos2d, kind):
         offsets = None
-        if self.cfg.pos2d == "rope":
+        if self.cfg.pos2d in ("rope", "rope+sincos"):
             is_img = ((kind == CLEAN) | (kind == NOISE))[..., None]                   # (B, L, 1)
             sec = self.rope_section                                                    # (P,)
             rc = torch.where(is_img, pos2d.long(), 0)                                  # (B, L, 2)

@@ -202,7 +202,7 @@ def _sub(b, idx):
     return (b.ids[:, idx], b.kind[:, idx], b.pos[:, idx], b.pos2d[:, idx], b.latents[:, idx], b.img[:, idx])
 
 
-@pytest.mark.parametrize("pos2d", ["rope", "sincos"])
+@pytest.mark.parametrize("pos2d", ["rope", "sincos", "rope+sincos"])
 def test_kv_cache_matches_full_forward(pos2d):
     torch.manual_seed(3)
     m = perturb_zero_init(NextX(tiny_cfg(pos2d=pos2d), vocab_size=V, latent_dim=C)).eval()
@@ -280,7 +280,7 @@ def test_bf16_autocast_forward_and_backward():
     assert m.layers[0].ada.weight.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("pos2d", ["rope", "sincos", "none"])
+@pytest.mark.parametrize("pos2d", ["rope", "sincos", "rope+sincos", "none"])
 def test_pos2d_variants(pos2d):
     torch.manual_seed(6)
     m = perturb_zero_init(NextX(tiny_cfg(pos2d=pos2d), vocab_size=V, latent_dim=C)).eval()
