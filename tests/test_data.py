@@ -156,3 +156,20 @@ def test_same_seed_same_rows(shard_env):
     cfg = _cfg(shard_env)
     a, b = _rows(cfg, 3), _rows(cfg, 3)
     assert all(np.array_equal(x.ids, y.ids) and np.array_equal(x.kind, y.kind) for x, y in zip(a, b))
+
+
+def test_rows_job_reports_packing_efficiency(shard_env, capsys):
+    from data_tools.rows import main
+
+    over = [f"data.train_shards={shard_env / 'shards'}", f"data.text_tokenizer={shard_env / 'text'}",
+            f"data.image_tokenizer={shard_env / 'pixel'}", "data.row_len=128", "data.max_text_tokens=32",
+            "data.batch_rows=2", "data.num_workers=0", "data.resample=false"]
+    out = shard_env / "rows.json"
+    assert main(["configs/tiny.yaml", *over, "--batches", "3", "--json", str(out)]) == 0
+    import json
+
+    fig = json.loads(out.read_text())
+    counts = fig["tokens_by_kind"]
+    assert fig["batches"] == 3 and counts["total"] == 3 * 2 * 128
+    assert abs(fig["packing_efficiency"] - (1 - counts["pad"] / counts["total"])) < 1e-12
+    assert "packing efficiency" in capsys.readouterr().out
