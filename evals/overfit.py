@@ -20,23 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image as PILImage
 
 from nextx.cli import _call
-
-
-def _grid(rows: list[list[PILImage.Image]], scale: int = 3) -> PILImage.Image:
-    w, h = rows[0][0].size
-    g = PILImage.new("RGB", (len(rows[0]) * w * scale, len(rows) * h * scale), "white")
-    for r, ims in enumerate(rows):
-        for c, im in enumerate(ims):
-            g.paste(im.resize((w * scale, h * scale), PILImage.NEAREST), (c * w * scale, r * h * scale))
-    return g
-
-
-def _to_pil(x: torch.Tensor) -> list[PILImage.Image]:
-    arr = (x.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [PILImage.fromarray(a) for a in arr]
+from nextx.infer import grid_image, to_pil
 
 
 def prepare(out: Path, n_images: int, size: int) -> dict[str, Path]:
@@ -69,7 +55,7 @@ def evaluate(model, text_tok, image_tok, special, docs, *, steps=(1, 2), seed: i
     truth = pil_to_tensor([d.images[0].pixels for d in docs], image_tok.image_size)        # (n, 3, H, W)
     n = len(docs)
     report: dict = {"n_images": n}
-    rows = [_to_pil(truth)]
+    rows = [to_pil(truth)]
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((n, image_tok.grid[0] * image_tok.grid[1], image_tok.token_dim), generator=g) * 0.5
     noise_img = image_tok.decode(noise)
@@ -84,7 +70,7 @@ def evaluate(model, text_tok, image_tok, special, docs, *, steps=(1, 2), seed: i
         per = ((img - truth) ** 2).mean(dim=(1, 2, 3))
         report[f"mse_{k}_step"] = float(per.mean())
         report[f"mse_{k}_step_max"] = float(per.max())
-        rows.append(_to_pil(img))
+        rows.append(to_pil(img))
     enc = image_tok.encode(truth)
     ids = caption(model, enc, special, grid=image_tok.grid, max_new_tokens=48)
     gen_caps = [text_tok.decode(x) for x in ids]
@@ -129,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     report.update({"objective": a.objective, "train_steps": s["step"], "final_parts": s["parts"],
                    "train_seconds": s["seconds"], "total_seconds": time.perf_counter() - t0})
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    _grid(rows).save(out / "overfit_grid.png")
+    grid_image([im for r in rows for im in r], cols=len(rows[0]), scale=3).save(out / "overfit_grid.png")
     print(json.dumps({k: v for k, v in report.items() if k != "captions"}, indent=2))
     for c in report["captions"]:
         print(f"  truth: {c['truth']!r}\n  model: {c['generated']!r}")

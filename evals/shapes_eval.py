@@ -15,26 +15,12 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image as PILImage
 from tqdm import tqdm
 
+from nextx.infer import grid_image, to_pil
+
 FACTS = ("count", "colour", "shape", "size", "position", "relation")
-
-
-def _to_pil(x: torch.Tensor) -> list[PILImage.Image]:
-    arr = (x.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [PILImage.fromarray(a) for a in arr]
-
-
-def _grid(ims: list[PILImage.Image], cols: int = 8, scale: int = 2) -> PILImage.Image:
-    w, h = ims[0].size
-    rows = (len(ims) + cols - 1) // cols
-    g = PILImage.new("RGB", (cols * w * scale, rows * h * scale), "white")
-    for i, im in enumerate(ims):
-        g.paste(im.resize((w * scale, h * scale), PILImage.NEAREST), ((i % cols) * w * scale, (i // cols) * h * scale))
-    return g
 
 
 def held_out_docs(cfg, n: int):
@@ -66,20 +52,20 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     res: dict = {"n": len(docs), "sampler": sampler, "cfg_scale": cfg_scale, "t2i": {}}
     for k in steps_list:
         t0 = time.perf_counter()
-        ims: list[PILImage.Image] = []
+        ims: list = []
         for i in tqdm(range(0, len(docs), batch), desc=f"t2i {k} step(s)", leave=False):
             prompts = [text_tok.encode(c) for c in captions[i:i + batch]]
             lat = t2i(model, prompts, special, grid=image_tok.grid, latent_dim=image_tok.token_dim,
                                 steps=k, sampler=sampler, cfg_scale=cfg_scale, sigma_d=o.sigma_d, T=o.T, eps=o.eps,
                                 generator=torch.Generator().manual_seed(seed + i))
-            ims += _to_pil(image_tok.decode(lat))
+            ims += to_pil(image_tok.decode(lat))
         real = score_t2i(ims, captions)
         chance = score_t2i(ims, shuffled)
         res["t2i"][k] = {"accuracy": real["accuracy"], "all_correct": real["all_correct"],
                          "chance_accuracy": chance["accuracy"], "chance_all_correct": chance["all_correct"],
                          "seconds": time.perf_counter() - t0}
         if out is not None:
-            _grid(ims[:32]).save(out / f"t2i_{k}step.png")
+            grid_image(ims[:32], cols=8, scale=2).save(out / f"t2i_{k}step.png")
     truth = pil_to_tensor([d.images[0].pixels for d in docs], image_tok.image_size)
     gen_caps: list[str] = []
     for i in tqdm(range(0, len(docs), batch), desc="captions", leave=False):
