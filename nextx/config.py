@@ -115,6 +115,8 @@ class ObjectiveConfig:
     T: float = 0.994             # largest time (OT-FM): eta_max ~ 165.7
     eps: float = 0.0             # smallest time (0 for latents, 0.006 for pixels in the paper)
     k: int = 12                  # r(s,t): eta_r = eta_t - (eta_max - eta_min) / 2^k
+    k_start: float = 2.0         # k curriculum: k rises linearly from k_start to k over k_ramp_steps (README)
+    k_ramp_steps: int = 0        # 0 = fixed k (the paper)
     min_gap: float = 1e-4        # r <= t - min_gap (IMM.md §2)
     group_size: int = 4          # M: consecutive images sharing (s, r, t) (grouping=images)
     grouping: Literal["images", "copies"] = "images"  # IMM particles: M consecutive images of the batch (the
@@ -128,6 +130,8 @@ class ObjectiveConfig:
         _require(0.0 <= self.eps < self.T < 1.0, f"{p}.eps/T", f"need 0 <= eps < T < 1, got eps={self.eps}, T={self.T}")
         _require(self.sigma_d > 0, f"{p}.sigma_d", "must be > 0")
         _require(1 <= self.k <= 30, f"{p}.k", f"must be in [1, 30], got {self.k}")
+        _require(0 <= self.k_start <= self.k, f"{p}.k_start", f"must be in [0, k={self.k}], got {self.k_start}")
+        _require(self.k_ramp_steps >= 0, f"{p}.k_ramp_steps", "must be >= 0")
         _require(self.min_gap >= 0, f"{p}.min_gap", "must be >= 0")
         _require(self.group_size >= 1, f"{p}.group_size", "must be >= 1")
         _require(0.0 <= self.cfg_drop < 1.0, f"{p}.cfg_drop", "must be in [0, 1)")

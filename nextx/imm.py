@@ -164,7 +164,19 @@ def sample_t_s(n: int, *, T: float = T_MAX, eps: float = 0.0, mode: str = "unifo
     return t, s
 
 
-def r_of(s: Time, t: Time, *, k: int = 12, min_gap: float = 1e-4, T: float = T_MAX, eps: float = 0.0) -> torch.Tensor:
+def k_at(step: int | None, k: float, k_start: float, ramp_steps: int) -> float:
+    """Induction depth k at an optimizer step: linear from k_start (step 0) to k (step >= ramp_steps).
+
+    delta = (eta_max - eta_min) / 2^k so the r-gap shrinks geometrically, a coarse-to-fine curriculum of the kind
+    consistency training uses for its discretisation (iCT/ECT). Data enters the IMM target only where r reaches s
+    (README: "IMM induction depth"); a small k early moves it up the time axis in few induction steps, the final
+    k is the paper's. ramp_steps = 0 or step None (evaluation) gives the final k."""
+    if ramp_steps <= 0 or step is None or step >= ramp_steps:
+        return float(k)
+    return float(k_start) + (float(k) - float(k_start)) * max(step, 0) / ramp_steps
+
+
+def r_of(s: Time, t: Time, *, k: float = 12, min_gap: float = 1e-4, T: float = T_MAX, eps: float = 0.0) -> torch.Tensor:
     """r(s, t) by a constant decrement in eta ([P] §4.2, App. C.6; IMM.md §2). s, t (n,) -> r (n,) float64.
 
         delta = (eta(T) - eta(eps)) / 2^k

@@ -74,7 +74,7 @@ def cfg_dropout(batch: Batch, p: float, special: SpecialIds, generator: torch.Ge
     return replace(batch, ids=ids, targets=targets), int(drop_doc.sum())
 
 
-def _image_times(batch: Batch, cfg: ObjectiveConfig, generator: torch.Generator | None):
+def _image_times(batch: Batch, cfg: ObjectiveConfig, generator: torch.Generator | None, k: float):
     """Per-image (t, s, r) of shape (n_img,) float64 (0 for context images) and the generated-image groups.
 
     Returns t, s, r and `groups`: a list of index tensors, each M (or fewer, for the last) generated images."""
@@ -95,7 +95,7 @@ def _image_times(batch: Batch, cfg: ObjectiveConfig, generator: torch.Generator 
         r[gen] = tg
         return t, s, r, groups
     tg, sg = imm.sample_t_s(len(groups), T=cfg.T, eps=cfg.eps, mode=cfg.time_sampling, generator=generator)
-    rg = imm.r_of(sg, tg, k=cfg.k, min_gap=cfg.min_gap, T=cfg.T, eps=cfg.eps)
+    rg = imm.r_of(sg, tg, k=k, min_gap=cfg.min_gap, T=cfg.T, eps=cfg.eps)
     for g, idx in enumerate(groups):
         t[idx], s[idx], r[idx] = tg[g], sg[g], rg[g]
     return t, s, r, groups
@@ -127,19 +127,21 @@ def _gather_images(v: torch.Tensor, noise: torch.Tensor, grids: torch.Tensor, ge
 
 
 def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds, *, attention: str = "sdpa",
-                 n_heads: int | None = None, generator: torch.Generator | None = None):
+                 n_heads: int | None = None, generator: torch.Generator | None = None, step: int | None = None):
     """One training loss on a packed batch. Returns `(loss, parts)`; parts are floats for logging.
 
     batch: a Batch on the model's device (latents hold the clean x on CLEAN and NOISE tokens).
     generator: a CPU torch.Generator for all random draws (times, CFG dropout); noise uses it too, on CPU, so a
     run is reproducible across devices.
+    step: the optimizer step, for the k curriculum (`imm.k_at`); None (validation) uses the final k.
     """
     device = batch.ids.device
     batch, n_dropped = cfg_dropout(batch, cfg.cfg_drop, special, generator)
     mask = attention_mask(batch, attention, n_heads)
     noise_tok = batch.kind == NOISE                                                   # (B, L)
     gen = batch.image_generate.nonzero(as_tuple=True)[0]
-    t, s, r, groups = _image_times(batch, cfg, generator)
+    k_now = imm.k_at(step, cfg.k, cfg.k_start, cfg.k_ramp_steps)
+    t, s, r, groups = _image_times(batch, cfg, generator, k_now)
 
     x = batch.latents                                                                 # (B, L, C)
     eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device) * cfg.sigma_d
@@ -192,6 +194,7 @@ def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds,
         parts["imm"] = float(img_loss.detach())
         parts["groups"] = len(groups)
         parts["t_mean"] = float(t[gen.cpu()].mean())
+        parts["k"] = k_now
     loss = cfg.text_weight * ce + cfg.image_weight * img_loss
     parts["loss"] = float(loss.detach())
     return loss, parts

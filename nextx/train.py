@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nextx import imm
 from nextx.checkpoint import (barrier, clean_partial, export, fault_point, latest_checkpoint, load_train_state,
                               save_checkpoint, set_rng_state)
 from nextx.config import Config, ConfigError, load_config, save_config, to_dict
@@ -386,7 +387,7 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
         batch = batch.to(device, non_blocking=True)
         with engine.autocast():
             loss, parts = compute_loss(engine.model, batch, cfg.objective, special, attention=cfg.model.attention,
-                                       n_heads=cfg.model.n_heads, generator=gen)
+                                       n_heads=cfg.model.n_heads, generator=gen, step=engine.step_count)
         engine.backward(loss)
         info = engine.step()
         for k in LOSS_KEYS:
@@ -505,6 +506,9 @@ def _log_record(acc, info, step, dt, elapsed, world, peak, device, cfg, timed_ou
             rec[k] = v / max(1.0, micro)
     gn = info.get("grad_norm")
     rec["lr"] = info["lr"]
+    if cfg.objective.kind == "imm" and cfg.objective.k_ramp_steps:
+        o = cfg.objective
+        rec["k"] = imm.k_at(step - 1, o.k, o.k_start, o.k_ramp_steps)  # the k of this step's last update
     rec["grad_norm"] = float(gn) if gn is not None else float("nan")
     rec["tokens_per_s"] = tokens / dt
     rec["images_per_s"] = images / dt

@@ -88,6 +88,18 @@ def test_r_of_by_hand():
     assert r.item() >= 0.006
 
 
+def test_k_at_by_hand():
+    assert imm.k_at(0, 12, 2.0, 1000) == 2.0
+    assert imm.k_at(500, 12, 2.0, 1000) == 7.0          # 2 + 10 * 500/1000
+    assert imm.k_at(250, 12, 0.0, 1000) == 3.0
+    assert imm.k_at(1000, 12, 2.0, 1000) == 12.0 and imm.k_at(10**6, 12, 2.0, 1000) == 12.0
+    assert imm.k_at(None, 12, 2.0, 1000) == 12.0 and imm.k_at(7, 12, 2.0, 0) == 12.0
+    # a fractional k is a fractional power: delta = eta(T) / 2^2.5 = 165.6667 / 5.656854 = 29.2862...
+    t = T(0.99)                                             # eta = 99 -> eta_r = 69.7138..., r = 0.985859...
+    delta = (0.994 / 0.006) / 2 ** 2.5
+    close(imm.r_of(T(0.0), t, k=2.5), T((99 - delta) / (1 + 99 - delta)), 1e-12)
+
+
 def test_r_of_properties_on_random_times():
     g = torch.Generator().manual_seed(1)
     for eps, k, gap in [(0.0, 12, 1e-4), (0.006, 15, 1e-4), (0.0, 10, 0.0), (0.0, 12, 0.05)]:

@@ -68,7 +68,7 @@ def test_cfg_dropout_p1_drops_exactly_the_documents_with_noise():
 def test_image_times_groups_share_s_r_t(kind):
     b = _batch(rows=4)
     cfg = ObjectiveConfig(kind=kind, group_size=2)
-    t, s, r, groups = _image_times(b, cfg, torch.Generator().manual_seed(1))
+    t, s, r, groups = _image_times(b, cfg, torch.Generator().manual_seed(1), cfg.k)
     gen = b.image_generate.nonzero(as_tuple=True)[0]
     assert torch.equal(torch.cat(groups), gen) and all(len(g) <= 2 for g in groups)
     assert (t[~b.image_generate] == 0).all()
@@ -94,7 +94,7 @@ def test_imm_loss_matches_a_per_group_loop_reference():
 
     # reference: same draws in the same order, then every image on its own, loops over groups
     g = torch.Generator().manual_seed(7)
-    t, s, r, groups = _image_times(b, cfg, g)
+    t, s, r, groups = _image_times(b, cfg, g, cfg.k)
     eps = torch.randn(b.latents.shape, generator=g) * cfg.sigma_d
     x = b.latents
     noise = (b.kind == NOISE).unsqueeze(-1)
@@ -117,13 +117,31 @@ def test_imm_loss_matches_a_per_group_loop_reference():
     assert abs(loss.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
 
 
+def test_k_curriculum_sets_the_r_gap_of_the_step():
+    # k_start = 0 at step 0: delta = eta_max - eta_min, so r = s for every group (the target is x_s itself);
+    # at step >= k_ramp_steps (and for validation, step None) r is the fixed-k r of the paper
+    b = _batch(seed=3, rows=4)
+    cfg = ObjectiveConfig(kind="imm", group_size=2, k_start=0.0, k_ramp_steps=100)
+    g = torch.Generator().manual_seed(2)
+    t, s, r, _ = _image_times(b, cfg, g, imm.k_at(0, cfg.k, cfg.k_start, cfg.k_ramp_steps))
+    gen = b.image_generate
+    assert torch.equal(r[gen], s[gen])
+    for step in (100, 5000, None):
+        k = imm.k_at(step, cfg.k, cfg.k_start, cfg.k_ramp_steps)
+        t2, s2, r2, _ = _image_times(b, cfg, torch.Generator().manual_seed(2), k)
+        assert torch.equal(r2[gen], imm.r_of(s2[gen], t2[gen], k=12, min_gap=cfg.min_gap))
+    m = _model()
+    _, parts = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(0), step=25)
+    assert parts["k"] == 3.0
+
+
 def test_flow_loss_matches_mse_reference():
     b = _batch(seed=4)
     m = _model()
     cfg = ObjectiveConfig(kind="flow", cfg_drop=0.0, text_weight=0.0)
     loss, _ = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
-    t, s, _, _ = _image_times(b, cfg, g)
+    t, s, _, _ = _image_times(b, cfg, g, cfg.k)
     eps = torch.randn(b.latents.shape, generator=g) * 0.5
     noise = (b.kind == NOISE).unsqueeze(-1)
     tt = t.float()[b.img.clamp(min=0)].unsqueeze(-1)
@@ -181,7 +199,7 @@ def test_imm_copies_grouping_matches_a_per_image_reference():
     cfg = ObjectiveConfig(grouping="copies", cfg_drop=0.0, text_weight=0.0)
     loss, parts = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(5))
     g = torch.Generator().manual_seed(5)
-    t, s, r, groups = _image_times(b, cfg, g)
+    t, s, r, groups = _image_times(b, cfg, g, cfg.k)
     assert parts["groups"] == 4 and [len(x) for x in groups] == [1, 1, 1, 1]
     eps = torch.randn(b.latents.shape, generator=g) * 0.5
     noise = (b.kind == NOISE).unsqueeze(-1)
