@@ -86,12 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="configs/tiny.yaml")
     p.add_argument("--n-images", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--objective", default="imm", choices=["imm", "flow"])
     p.add_argument("--image-weight", type=float, default=None,
                    help="lambda_image (default: 200 for imm, 4 for flow; see README 'Loss balance')")
+    p.add_argument("--k-ramp", type=float, default=2 / 3,
+                   help="imm: k rises from 0 to objective.k over this fraction of the steps (0 = fixed k; README "
+                        "'IMM induction depth')")
     p.add_argument("overrides", nargs="*", help="extra config overrides key=value")
     a = p.parse_args(argv)
+    if not 0.0 <= a.k_ramp <= 1.0:
+        p.error(f"--k-ramp must be a fraction in [0, 1], got {a.k_ramp}")
 
     from nextx.config import load_config
     from nextx.documents import decode_document, iter_raw_samples, shard_paths
@@ -107,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
             "data.shuffle_buffer=16", "data.pack_buffer=8", "train.save_every=0", "train.resume=never", "optim.schedule=cosine",
             "optim.min_lr_ratio=0.05",
             f"objective.image_weight={a.image_weight or (200.0 if a.objective == 'imm' else 4.0)}"]
+    if a.objective == "imm" and a.k_ramp > 0:
+        over += ["objective.k_start=0", f"objective.k_ramp_steps={max(1, round(a.k_ramp * a.steps))}"]
     cfg = load_config(a.config, over + list(a.overrides))
     s = train(cfg)
     docs = [decode_document(x) for x in iter_raw_samples(shard_paths(paths["shards"], "train"))]
     docs.sort(key=lambda d: d.key)
     report, rows = evaluate(s["model"], s["text_tok"], s["image_tok"], s["special"], docs)
-    report.update({"objective": a.objective, "train_steps": s["step"], "final_parts": s["parts"],
+    report.update({"objective": a.objective, "k": cfg.objective.k, "k_ramp_steps": cfg.objective.k_ramp_steps,
+                   "batch_rows": cfg.data.batch_rows, "train_steps": s["step"], "final_parts": s["parts"],
                    "train_seconds": s["seconds"], "total_seconds": time.perf_counter() - t0})
     (out / "report.json").write_text(json.dumps(report, indent=2))
     grid_image([im for r in rows for im in r], cols=len(rows[0]), scale=3).save(out / "overfit_grid.png")

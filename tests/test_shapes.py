@@ -1,5 +1,8 @@
 """Procedural shapes: grammar round trip, splits, determinism, renders, the exact scorer and the shard job."""
 
+import json
+import math
+
 import numpy as np
 import pytest
 
@@ -178,3 +181,24 @@ def test_shard_job_end_to_end(tmp_path, capsys):
     assert shapes_main(["--out", str(tmp_path / "b")] + args) == 0
     for split in ("train", "heldout"):
         assert _members(tmp_path / "a", split) == _members(tmp_path / "b", split)
+
+
+def test_overfit_job_end_to_end(tmp_path, capsys):
+    # the plumbing of `nextx eval overfit` on a 2-image, 4-step run: the IMM k curriculum reaches the trainer and
+    # the report, which carries the MSEs beside their baselines and the caption matches
+    from evals.overfit import main
+    with pytest.raises(SystemExit):
+        main(["--k-ramp", "1.5"])
+    assert "--k-ramp must be a fraction" in capsys.readouterr().err
+    out = tmp_path / "of"
+    assert main(["--out", str(out), "--n-images", "2", "--steps", "4", "--k-ramp", "0.5", "model.d_model=32",
+                 "model.n_heads=2", "model.n_kv_heads=1", "model.n_layers=1", "model.time_freq_dim=32",
+                 "data.batch_rows=2", "data.num_workers=0", "train.log_every=1", "train.threads=1"]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["objective"] == "imm" and r["k_ramp_steps"] == 2 and r["k"] == 12 and r["train_steps"] == 4
+    assert r["n_images"] == 2 and 0 <= r["caption_exact_match"] <= 1 and len(r["captions"]) == 2
+    for key in ("mse_1_step", "mse_2_step", "mse_noise_baseline", "mse_other_image_baseline"):
+        assert math.isfinite(r[key]) and r[key] > 0
+    ks = [json.loads(line).get("k") for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [k for k in ks if k is not None][:4] == [0.0, 6.0, 12.0, 12.0]
+    assert (out / "overfit_grid.png").exists()
