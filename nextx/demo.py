@@ -6,7 +6,7 @@ Stages (each skipped when its output already exists, unless --force; outputs und
   3. image tokenizer    nextx tokenizer pixel --shards data/shapes32 --out data/tok/pixel32 (4x4 patches, 8x8 grid)
   4. pipeline check     configs/tiny.yaml's DataLoader: packed batches, packing efficiency, rows/s, bad samples
   5. scorer self-check  ground-truth renders vs shuffled captions, per fact type
-  6. training           the tiny model (configs/tiny.yaml) with IMM on the shapes shards -> runs/demo
+  6. training           the tiny model (configs/tiny.yaml) with IMM (k curriculum 0 -> 12) -> runs/demo
   7. evaluation         held-out prompts at 1/2/4/8 IMM steps (exact fact accuracy vs chance), captioning P/R
 
 Every stage prints what it measured; images land in runs/demo/eval_shapes/*.png.
@@ -71,10 +71,13 @@ def main(argv: list[str] | None = None) -> int:
                                          f"data.image_tokenizer={pixel}"], n_batches=20)
     _stage("5. exact scorer self-check", None, True, ["--n", "200"], "eval shapes-selfcheck")
     run = Path(a.run_dir) / "demo"
-    _stage(f"6. train the tiny model with IMM ({a.steps} steps, configs/tiny.yaml)", run, a.force,
+    ramp = max(1, round(2 * a.steps / 3))  # the k curriculum (README "IMM's induction depth"): 0 -> 12 over 2/3
+    _stage(f"6. train the tiny model with IMM ({a.steps} steps, configs/tiny.yaml, k 0 -> 12 over {ramp})",
+           run, a.force,
            ["configs/tiny.yaml", "name=demo", f"run_dir={a.run_dir}", f"data.train_shards={shards}",
             f"data.val_shards={shards}", f"data.text_tokenizer={text}", f"data.image_tokenizer={pixel}",
-            f"train.steps={a.steps}", "train.log_every=50"], "train")
+            f"train.steps={a.steps}", "train.log_every=50", "objective.k_start=0",
+            f"objective.k_ramp_steps={ramp}"], "train")
     _stage("7. held-out prompts: exact fact accuracy at 1/2/4/8 IMM steps, captions", None, True,
            [str(run), "--n", str(a.eval_n), "--steps", "1,2,4,8"], "eval shapes")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
