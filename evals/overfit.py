@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             "optim.min_lr_ratio=0.05",
             f"objective.image_weight={a.image_weight or (200.0 if a.objective == 'imm' else 4.0)}"]
     if a.objective == "imm" and a.k_ramp > 0:
-        over += ["objective.k_start=0", f"objective.k_ramp_steps={max(1, round(a.k_ramp * a.steps))}"]
+        over.append(f"objective.k_ramp_steps={max(1, round(a.k_ramp * a.steps))}")
     cfg = load_config(a.config, over + list(a.overrides))
     s = train(cfg)
     docs = [decode_document(x) for x in iter_raw_samples(shard_paths(paths["shards"], "train"))]

@@ -115,7 +115,7 @@ class ObjectiveConfig:
     T: float = 0.994             # largest time (OT-FM): eta_max ~ 165.7
     eps: float = 0.0             # smallest time (0 for latents, 0.006 for pixels in the paper)
     k: int = 12                  # r(s,t): eta_r = eta_t - (eta_max - eta_min) / 2^k
-    k_start: float = 2.0         # k curriculum: k rises linearly from k_start to k over k_ramp_steps (README)
+    k_start: float = 0.0         # k curriculum: k rises linearly from k_start to k over k_ramp_steps (README)
     k_ramp_steps: int = 0        # 0 = fixed k (the paper)
     min_gap: float = 1e-4        # r <= t - min_gap (IMM.md §2)
     group_size: int = 4          # M: consecutive images sharing (s, r, t) (grouping=images)

@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
            run, a.force,
            ["configs/tiny.yaml", "name=demo", f"run_dir={a.run_dir}", f"data.train_shards={shards}",
             f"data.val_shards={shards}", f"data.text_tokenizer={text}", f"data.image_tokenizer={pixel}",
-            f"train.steps={a.steps}", "train.log_every=50", "objective.k_start=0",
-            f"objective.k_ramp_steps={ramp}"], "train")
+            f"train.steps={a.steps}", "train.log_every=50", f"objective.k_ramp_steps={ramp}"], "train")
     _stage("7. held-out prompts: exact fact accuracy at 1/2/4/8 IMM steps, captions", None, True,
            [str(run), "--n", str(a.eval_n), "--steps", "1,2,4,8"], "eval shapes")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
