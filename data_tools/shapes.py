@@ -447,8 +447,12 @@ def scene_facts(objects: Sequence[Mapping]) -> set[tuple]:
 # Documents and the shard job
 
 
-def make_document(index: int, seed: int, size: int, split: str = "train") -> Document:
-    """Scene `index` of (seed, split), drawn from its own generator, so any subset renders the same."""
+def make_document(index: int, seed: int, size: int, split: str = "train",
+                  object_weights: Sequence[float] | None = None) -> Document:
+    """Scene `index` of (seed, split), drawn from its own generator, so any subset renders the same.
+
+    object_weights: relative weights of 1-, 2- and 3-object scenes in the train split (None: uniform, drawn as
+    before). The held-out split ignores it, so a model trained on any mix is scored on the same prompts."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
     kind, forced_rel = None, None
     if split == "heldout" and index % 2 == 0:
@@ -463,7 +467,11 @@ def make_document(index: int, seed: int, size: int, split: str = "train") -> Doc
             if forced_rel in _relations_true(a, b, REL_MARGIN + REL_SLACK):
                 break
     else:
-        scene = sample_scene(rng, banned=HELDOUT_PAIRS)
+        n_obj = None
+        if object_weights is not None:
+            w = np.asarray(object_weights, dtype=np.float64)
+            n_obj = int(rng.choice(3, p=w / w.sum())) + 1
+        scene = sample_scene(rng, n_objects=n_obj, banned=HELDOUT_PAIRS)
     caption, refs = sample_caption(rng, scene, banned_relations=HELDOUT_RELATIONS if split == "train" else (),
                                    forced_relation=forced_rel)
     meta = {"objects": [o.as_meta() for o in scene.objects], "refs": list(refs),
@@ -472,19 +480,36 @@ def make_document(index: int, seed: int, size: int, split: str = "train") -> Doc
                                                                    Image(pixels=render(scene, size))], meta)
 
 
-def make_documents(n: int, seed: int = 0, size: int = 32, split: str = "train") -> Iterator[Document]:
+def make_documents(n: int, seed: int = 0, size: int = 32, split: str = "train",
+                   object_weights: Sequence[float] | None = None) -> Iterator[Document]:
     """n documents [Text(caption), Image(pixels)]; meta carries the ground truth (objects, refs, background)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if size < 16:
         raise ValueError(f"canvas size {size} < 16 px; the scorer is checked at 32 and 64 px")
+    if object_weights is not None and (len(object_weights) != 3 or min(object_weights) < 0
+                                       or sum(object_weights) <= 0):
+        raise ValueError(f"object_weights must be 3 non-negative weights (1, 2, 3 objects) with a positive sum, "
+                         f"got {list(object_weights)}")
     for i in range(n):
-        yield make_document(i, seed, size, split)
+        yield make_document(i, seed, size, split, object_weights)
 
 
-def generator_info(size: int, seed: int) -> dict:
+def parse_weights(text: str) -> tuple[float, float, float]:
+    """'2,1,1' -> (2.0, 1.0, 1.0) for --object-weights; raises ValueError naming the problem."""
+    try:
+        w = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"--object-weights must be three numbers like 2,1,1, got {text!r}") from None
+    if len(w) != 3 or min(w) < 0 or sum(w) <= 0:
+        raise ValueError(f"--object-weights must be three non-negative numbers with a positive sum, got {text!r}")
+    return w
+
+
+def generator_info(size: int, seed: int, object_weights: Sequence[float] | None = None) -> dict:
     """Settings stored in info.json beside the shards."""
-    return {"generator": "data_tools.shapes", "image_size": size, "seed": seed, "shapes": list(SHAPES),
+    return {"generator": "data_tools.shapes", "image_size": size, "seed": seed,
+            "object_weights": list(object_weights) if object_weights is not None else None, "shapes": list(SHAPES),
             "palette": {k: list(v) for k, v in PALETTE.items()}, "sizes": SIZES, "cells": list(CELLS),
             "relations": list(RELATIONS), "heldout_pairs": [list(p) for p in HELDOUT_PAIRS],
             "heldout_relations": [list(p) for p in HELDOUT_RELATIONS], "rel_margin": REL_MARGIN,
@@ -509,12 +534,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--heldout-n", type=int, default=None, help="held-out scenes (default n // 10)")
     p.add_argument("--max-per-shard", type=int, default=1000)
+    p.add_argument("--object-weights", default=None, metavar="W1,W2,W3",
+                   help="relative weights of 1-, 2- and 3-object train scenes (default: uniform); the held-out "
+                        "split is the same whatever the weights")
     a = p.parse_args(argv)
+    try:
+        weights = parse_weights(a.object_weights) if a.object_weights else None
+    except ValueError as e:
+        p.error(str(e))
     heldout_n = a.n // 10 if a.heldout_n is None else a.heldout_n
-    info = generator_info(a.size, a.seed)
+    info = generator_info(a.size, a.seed, weights)
     for split, n in (("train", a.n), ("heldout", heldout_n)):
         counts: Counter = Counter()
-        summary = write_shards(_tally(make_documents(n, a.seed, a.size, split), counts), a.out, split=split,
+        summary = write_shards(_tally(make_documents(n, a.seed, a.size, split, weights), counts), a.out, split=split,
                                max_per_shard=a.max_per_shard, total=n, info=info)
         print(f"{split}: {summary['n_docs']} docs in {summary['n_shards']} shard(s); "
               + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))

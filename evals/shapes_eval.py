@@ -40,7 +40,7 @@ def held_out_docs(cfg, n: int):
 @torch.no_grad()
 def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_scale: float, batch: int,
              seed: int, out: Path | None = None, sampler: str | None = None) -> dict:
-    from evals.shapes_score import score_captions, score_t2i
+    from evals.shapes_score import score_captions
     from nextx.sampling import caption, t2i
     from nextx.latents import pil_to_tensor
 
@@ -50,6 +50,7 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     shuffled = captions[:]
     random.Random(seed).shuffle(shuffled)
     res: dict = {"n": len(docs), "sampler": sampler, "cfg_scale": cfg_scale, "t2i": {}}
+    grids: dict[int, list] = {}
     for k in steps_list:
         t0 = time.perf_counter()
         ims: list = []
@@ -59,11 +60,8 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
                                 steps=k, sampler=sampler, cfg_scale=cfg_scale, sigma_d=o.sigma_d, T=o.T, eps=o.eps,
                                 generator=torch.Generator().manual_seed(seed + i))
             ims += to_pil(image_tok.decode(lat))
-        real = score_t2i(ims, captions)
-        chance = score_t2i(ims, shuffled)
-        res["t2i"][k] = {"accuracy": real["accuracy"], "all_correct": real["all_correct"],
-                         "chance_accuracy": chance["accuracy"], "chance_all_correct": chance["all_correct"],
-                         "seconds": time.perf_counter() - t0}
+        res["t2i"][k] = {**score_with_chance(ims, captions, seed), "seconds": time.perf_counter() - t0}
+        grids[k] = ims
         if out is not None:
             grid_image(ims[:32], cols=8, scale=2).save(out / f"t2i_{k}step.png")
     truth = pil_to_tensor([d.images[0].pixels for d in docs], image_tok.image_size)
@@ -81,21 +79,101 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     res["caption"] = {"precision": cap["precision"], "recall": cap["recall"], "f1": cap["f1"], "parsed": cap["parsed"],
                       "chance_precision": cap_chance["precision"], "chance_recall": cap_chance["recall"],
                       "examples": [{"truth": a, "generated": b} for a, b in list(zip(captions, gen_caps))[:8]]}
+    if out is not None and grids:
+        cols = grid_columns(captions, N_GRID_COLS)
+        labelled_grid([[grids[k][i] for i in cols] for k in grids], [captions[i] for i in cols],
+                      [f"{k} step{'s' if k > 1 else ''}" for k in grids]).save(out / "t2i_grid.png")
+        res["grid"] = str(out / "t2i_grid.png")
     return res
 
 
-def format_table(res: dict) -> str:
-    lines = [f"text-to-image on {res['n']} held-out prompts ({res['sampler']}, cfg {res['cfg_scale']}): "
-             "fact accuracy (chance = same images vs shuffled prompts)",
-             f"{'steps':>5} " + " ".join(f"{f:>17}" for f in FACTS) + f" {'all facts':>17}"]
+N_GRID_COLS = 8
+
+
+def grid_columns(captions: list[str], n: int) -> list[int]:
+    """Indices of up to n prompts for the labelled grid: single-object prompts first, then two-object ones."""
+    from data_tools.shapes import parse_caption
+
+    by_n = sorted(range(len(captions)), key=lambda i: (len(parse_caption(captions[i]).nps), i))
+    ones = [i for i in by_n if len(parse_caption(captions[i]).nps) == 1][: n // 2 + n % 2]
+    rest = [i for i in by_n if i not in ones][: n - len(ones)]
+    return ones + rest
+
+
+def score_with_chance(ims: list, captions: list[str], seed: int) -> dict:
+    """Exact scores of generated images against their prompts, and against shuffled prompts (chance), overall and
+    per number of objects the prompt names (`by_objects[n]`: chance shuffles among the n-object prompts only)."""
+    from data_tools.shapes import parse_caption
+    from evals.shapes_score import score_t2i
+
+    def one(idx: list[int], salt: int) -> dict:
+        caps = [captions[i] for i in idx]
+        sh = caps[:]
+        random.Random(seed + salt).shuffle(sh)
+        sub = [ims[i] for i in idx]
+        real, chance = score_t2i(sub, caps), score_t2i(sub, sh)
+        return {"n": len(idx), "accuracy": real["accuracy"], "all_correct": real["all_correct"],
+                "chance_accuracy": chance["accuracy"], "chance_all_correct": chance["all_correct"]}
+
+    res = one(list(range(len(captions))), 0)
+    n_obj = [len(parse_caption(c).nps) for c in captions]
+    res["by_objects"] = {n: one([i for i, m in enumerate(n_obj) if m == n], n) for n in sorted(set(n_obj))}
+    return res
+
+
+def labelled_grid(rows: list[list], col_labels: list[str], row_labels: list[str] | None = None, scale: int = 3):
+    """Rows of same-size images -> one PNG-ready image: each cell `scale`x larger, the column's prompt written
+    (wrapped) under the last row, an optional label left of each row."""
+    import textwrap
+
+    from PIL import Image as PILImage, ImageDraw, ImageFont
+
+    w, h = rows[0][0].size
+    cw, ch = w * scale, h * scale
+    font = ImageFont.load_default()
+    chars = max(8, cw // 6)
+    wrapped = [textwrap.wrap(c, chars) for c in col_labels]
+    text_h = 12 * max(1, max(len(x) for x in wrapped)) + 6
+    left = 60 if row_labels else 0
+    g = PILImage.new("RGB", (left + len(col_labels) * (cw + 4), len(rows) * (ch + 4) + text_h), "white")
+    d = ImageDraw.Draw(g)
+    for r, row in enumerate(rows):
+        if row_labels:
+            d.text((4, r * (ch + 4) + ch // 2 - 6), row_labels[r], fill="black", font=font)
+        for c, im in enumerate(row):
+            g.paste(im.resize((cw, ch), PILImage.NEAREST), (left + c * (cw + 4), r * (ch + 4)))
+    for c, lines in enumerate(wrapped):
+        for j, line in enumerate(lines):
+            d.text((left + c * (cw + 4), len(rows) * (ch + 4) + 2 + 12 * j), line, fill="black", font=font)
+    return g
+
+
+def t2i_table(res: dict, sampler: str) -> str:
+    """The text-to-image part of a result as text: all prompts, then per number of objects; chance in brackets."""
+    lines = [f"text-to-image on {res['n']} held-out prompts ({sampler}, cfg {res['cfg_scale']}): fact accuracy "
+             "(chance = same images vs shuffled prompts)",
+             f"{'steps':>5} {'prompts':>9} " + " ".join(f"{f:>13}" for f in FACTS) + f" {'all facts':>13}"]
+
+    def row(k, label, r):
+        cells = [f"{r['accuracy'][f]:.2f} ({r['chance_accuracy'].get(f, float('nan')):.2f})" if f in r["accuracy"]
+                 else "-" for f in FACTS]
+        return (f"{k:>5} {label:>9} " + " ".join(f"{c:>13}" for c in cells)
+                + f" {r['all_correct']:.2f} ({r['chance_all_correct']:.2f})".rjust(14))
+
     for k, r in res["t2i"].items():
-        cells = [f"{r['accuracy'].get(f, float('nan')):.3f} ({r['chance_accuracy'].get(f, float('nan')):.3f})"
-                 for f in FACTS]
-        lines.append(f"{k:>5} " + " ".join(f"{c:>17}" for c in cells)
-                     + f" {r['all_correct']:.3f} ({r['chance_all_correct']:.3f})".rjust(18))
+        lines.append(row(k, f"all {r['n']}", r))
+        for n, rn in r.get("by_objects", {}).items():
+            lines.append(row("", f"{n}-obj {rn['n']}", rn))
+    return "\n".join(lines)
+
+
+def format_table(res: dict) -> str:
+    lines = [t2i_table(res, res["sampler"])]
     c = res["caption"]
     lines.append(f"captioning: precision {c['precision']:.3f} (shuffled {c['chance_precision']:.3f}), recall "
                  f"{c['recall']:.3f} (shuffled {c['chance_recall']:.3f}), parsed {c['parsed']:.3f}")
+    for e in c["examples"][:4]:
+        lines.append(f"  truth: {e['truth']!r:60} generated: {e['generated']!r}")
     return "\n".join(lines)
 
 
@@ -109,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", default=None, choices=["pushforward", "restart", "euler"])
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ema", action="store_true", help="the export's EMA weights (runs trained with optim.ema_decay)")
     p.add_argument("--out", default=None, help="dir for eval.json and grids (default: RUN/eval_shapes)")
     a = p.parse_args(argv)
     from nextx.checkpoint import load_for_inference
 
-    model, cfg, text_tok, image_tok, special = load_for_inference(a.run)
+    model, cfg, text_tok, image_tok, special = load_for_inference(a.run, ema=a.ema)
     out = Path(a.out or Path(a.run) / "eval_shapes")
     out.mkdir(parents=True, exist_ok=True)
     docs = held_out_docs(cfg, a.n)

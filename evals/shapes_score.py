@@ -214,11 +214,15 @@ def score_image(image: PILImage.Image | np.ndarray, caption: Caption | str) -> d
 
 
 def aggregate_t2i(results: Sequence[dict], captions: Sequence[Caption | str]) -> dict:
-    """Per-fact accuracy (micro over atomic facts), share all-correct, and all-correct share per category."""
+    """Per-fact accuracy (micro over atomic facts), share all-correct, all-correct share per category, and the
+    same per-fact accuracy and all-correct share over the prompts naming n objects (`by_objects[n]`)."""
     n_facts, n_ok, cat_n, cat_ok = Counter(), Counter(), Counter(), Counter()
+    by_n: dict[int, tuple[Counter, Counter, list]] = {}    # prompts with n objects: (facts, correct, all-correct)
     for r, c in zip(results, captions, strict=True):
         n_facts.update(r["n_facts"])
         n_ok.update(r["n_correct"])
+        nf, no, ac = by_n.setdefault(len(_as_caption(c).nps), (Counter(), Counter(), []))
+        nf.update(r["n_facts"]), no.update(r["n_correct"]), ac.append(r["all_correct"])
         for cat in categories(_as_caption(c)):
             cat_n[cat] += 1
             cat_ok[cat] += r["all_correct"]
@@ -226,7 +230,9 @@ def aggregate_t2i(results: Sequence[dict], captions: Sequence[Caption | str]) ->
             "accuracy": {t: n_ok[t] / n_facts[t] for t in FACT_TYPES if n_facts[t]},
             "n_facts": {t: n_facts[t] for t in FACT_TYPES},
             "all_correct": float(np.mean([r["all_correct"] for r in results])) if results else 0.0,
-            "categories": {c: cat_ok[c] / cat_n[c] for c in CATEGORIES if cat_n[c]}}
+            "categories": {c: cat_ok[c] / cat_n[c] for c in CATEGORIES if cat_n[c]},
+            "by_objects": {n: {"n": len(ac), "accuracy": {t: no[t] / nf[t] for t in FACT_TYPES if nf[t]},
+                               "all_correct": float(np.mean(ac))} for n, (nf, no, ac) in sorted(by_n.items())}}
 
 
 def score_t2i(images: Sequence[PILImage.Image | np.ndarray], captions: Sequence[Caption | str]) -> dict:

@@ -38,6 +38,7 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "shapes-selfcheck": ("evals.shapes_score:main", "scorer self-check: ground truth vs shuffled captions"),
         "shapes": ("evals.shapes_eval:main", "held-out shapes prompts: fact accuracy per step count, captions"),
         "overfit": ("evals.overfit:main", "learning proof: overfit 8 shapes images, generate and caption them back"),
+        "reference": ("evals.reference:main", "calibration: a minimal DiT-style flow model on the same shards and scorer"),
     },
     "train": {"": ("nextx.train:main", "train a model: CONFIG [key=value ...] (torchrun/deepspeed launchable)")},
     "t2i": {"": ("nextx.infer:t2i_main", "text-to-image: RUN --prompt ... | --prompts-file F --out DIR")},

@@ -1,0 +1,65 @@
+"""The calibration reference (`nextx eval reference`), the per-object-count scores and the labelled grid."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data_tools.shapes import make_documents, parse_caption, parse_weights
+from data_tools.shapes import main as shapes_main
+from evals.shapes_eval import grid_columns, labelled_grid, score_with_chance
+from nextx.cli import _call
+
+
+def test_object_weights_change_train_scenes_only():
+    ones = list(make_documents(60, seed=3, size=32, object_weights=(1, 0, 0)))
+    assert all(len(d.meta["objects"]) == 1 for d in ones)
+    mix = [len(d.meta["objects"]) for d in make_documents(300, seed=3, size=32, object_weights=(2, 1, 1))]
+    assert 0.40 < mix.count(1) / 300 < 0.60 and mix.count(3) > 0           # 1/2 single-object, by weight
+    default = [d.texts[0] for d in make_documents(20, seed=3, size=32)]
+    assert default == [d.texts[0] for d in make_documents(20, seed=3, size=32, object_weights=None)]
+    held = [d.texts[0] for d in make_documents(20, seed=3, size=32, split="heldout")]
+    assert held == [d.texts[0] for d in make_documents(20, seed=3, size=32, split="heldout", object_weights=(1, 0, 0))]
+    for bad in ((1, 1), (-1, 1, 1), (0, 0, 0)):
+        with pytest.raises(ValueError, match="object_weights"):
+            next(make_documents(1, object_weights=bad))
+    assert parse_weights("2,1,1") == (2.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="three"):
+        parse_weights("2,x,1")
+
+
+def test_scores_per_object_count_on_ground_truth():
+    docs = list(make_documents(40, seed=5, size=32, split="heldout"))
+    ims, caps = [d.images[0].pixels for d in docs], [d.texts[0] for d in docs]
+    r = score_with_chance(ims, caps, seed=0)
+    assert r["accuracy"]["colour"] == 1.0 and r["all_correct"] == 1.0
+    n_obj = [len(parse_caption(c).nps) for c in caps]
+    assert sorted(r["by_objects"]) == sorted(set(n_obj))
+    assert sum(v["n"] for v in r["by_objects"].values()) == len(caps)
+    for n, v in r["by_objects"].items():
+        assert v["n"] == n_obj.count(n) and v["all_correct"] == 1.0 and v["accuracy"]["count"] == 1.0
+        assert v["chance_accuracy"]["count"] == 1.0          # shuffled among prompts with the same count
+    cols = grid_columns(caps, 6)
+    assert len(cols) == 6 and [n_obj[i] for i in cols] == sorted(n_obj[i] for i in cols)
+    g = labelled_grid([[ims[i] for i in cols]] * 2, [caps[i] for i in cols], ["1 step", "2 steps"], scale=3)
+    assert g.size[0] == 60 + 6 * (96 + 4) and g.size[1] > 2 * (96 + 4)
+
+
+def test_reference_end_to_end(tmp_path, capsys):
+    shards = tmp_path / "shapes"
+    assert shapes_main(["--out", str(shards), "--n", "40", "--heldout-n", "6", "--object-weights", "1,1,0"]) == 0
+    assert _call("tokenizers/text/train_spm.py", ["--shards", str(shards), "--out", str(tmp_path / "text"),
+                                                  "--vocab-size", "128"], "t") == 0
+    assert _call("tokenizers/image/pixel_stats.py", ["--shards", str(shards), "--out", str(tmp_path / "pix"),
+                                                     "--image-size", "32", "--patch-size", "8"], "p") == 0
+    from evals.reference import main
+
+    out = tmp_path / "ref"
+    assert main(["--shards", str(shards), "--text-tokenizer", str(tmp_path / "text"), "--image-tokenizer",
+                 str(tmp_path / "pix"), "--out", str(out), "--minutes", "0.02", "--batch", "8", "--width", "32",
+                 "--depth", "1", "--threads", "1", "--steps", "1,2", "--n", "6"]) == 0
+    r = json.loads((out / "reference.json").read_text())
+    assert r["steps"] >= 1 and r["images_seen"] == 8 * r["steps"] and r["n"] == 6
+    assert set(r["t2i"]) == {"1", "2"} and all(np.isfinite(v) for v in r["t2i"]["2"]["accuracy"].values())
+    assert (out / "reference_grid.png").exists() and (out / "reference.pt").exists()
+    assert "images/s" in capsys.readouterr().out
