@@ -49,6 +49,11 @@ class ModelConfig:
     norm_eps: float = 1e-5        # RMSNorm epsilon
     time_freq_dim: int = 256      # sinusoidal features of t and of t - s (fp32), each into its own MLP
     pos2d: Literal["rope", "sincos", "rope+sincos", "none"] = "rope"  # 2D position inside an image (ARCHITECTURE §3)
+    rope2d_freqs: Literal["own", "shared"] = "own"  # row/col RoPE pairs: their own ladder 2^-j per axis (both axes
+    #   alike, wavelengths 6.3 cells and up), or "shared": the 1D ladder's frequencies at those pairs (columns ~3x
+    #   coarser than rows, about one useful pair per axis over an 8x8 grid; the layout before 2026-11-29)
+    latent_conv: int = 1          # kernel of the latent embedding and latent head over each image's token grid: 1 =
+    #   linear per token; 3 = 3x3 convolutions, so every token's input and output see its neighbours from the start
     sincos_scale: float = 0.0     # amplitude of the fixed 2D sin-cos table added to latent embeddings (0 -> init_std)
     attention: Literal["sdpa", "flex", "xformers"] = "sdpa"  # sdpa: dense bool mask (CPU, reference)
     activation_checkpointing: bool = False
@@ -71,6 +76,8 @@ class ModelConfig:
                  f"head_dim = d_model/n_heads = {self.head_dim} must be a multiple of 4 (RoPE halves, 2D sections)")
         _require(self.ffn_hidden >= 0 and self.vocab_size >= 0, f"{p}.ffn_hidden/vocab_size", "must be >= 0")
         _require(self.time_freq_dim % 2 == 0, f"{p}.time_freq_dim", "must be even (sin and cos halves)")
+        _require(self.latent_conv >= 1 and self.latent_conv % 2 == 1, f"{p}.latent_conv",
+                 f"must be an odd kernel size >= 1 (1 = linear), got {self.latent_conv}")
 
 
 @dataclass
@@ -119,6 +126,8 @@ class ObjectiveConfig:
     k_ramp_steps: int = 0        # 0 = fixed k (the paper)
     min_gap: float = 1e-4        # r <= t - min_gap (IMM.md §2)
     group_size: int = 4          # M: consecutive images sharing (s, r, t) (grouping=images)
+    partial_group: Literal["equal", "size"] = "equal"  # weight of the last, smaller group of a batch (grouping=
+    #   images): "equal" = like a full group (the reference's mean over groups), "size" = by its particle count
     grouping: Literal["images", "copies"] = "images"  # IMM particles: M consecutive images of the batch (the
     #   reference recipe), or the data.noise_copies noise splits of ONE image sharing its caption (see README)
     a: float = 1.0               # weight w(s,t) exponent of alpha_t

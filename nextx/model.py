@@ -31,12 +31,22 @@ share one slot). `pos2d`:
              quarter/quarter. Interleaving (as in Qwen3-VL's MRoPE, instead of Qwen2-VL's contiguous chunks) gives
              each axis both high and low frequencies, so small in-image offsets still rotate visibly. A text token
              uses `pos` in every section (text-only RoPE IS standard 1D RoPE: HF parity); an image token uses pos
-             (temporal), pos + row (row pairs) and pos + col (col pairs).
+             (temporal), pos + row (row pairs) and pos + col (col pairs). With `rope2d_freqs: own` (default)
+             the row and col offsets turn at their own ladder 2^-j (j-th pair of each axis), the same on both
+             axes; `shared` turns them at the 1D ladder's frequencies of those pairs (columns ~3x coarser than
+             rows, about one useful pair per axis over an 8x8 grid at head_dim 32).
   * "sincos" a fixed 2D sin-cos table of (row, col) (D/2 channels each, MAE/DiT-style), scaled by init_std so it is
              on the scale of the latent and token embeddings at init, added to the latent embedding
              (`sincos_scale` sets another amplitude, e.g. 1.0 as in DiT).
   * "rope+sincos"  both: relative row/col rotations and an absolute (row, col) signal on the latent embedding.
   * "none"   no 2D position.
+
+Latent convolutions (`latent_conv: 3`). The latent embedding and the latent head may be k x k convolutions over each
+image split's token grid (`image_splits` finds the splits from pos2d: each starts at (0, 0) and runs row-major),
+instead of linear maps per token. Then every image token's input and output see its neighbours from the first step,
+before attention has learned any locality (small models on short budgets draw scattered patches otherwise: README).
+A split is always run whole (training rows, the sampler's noise and clean chunks), so the result never depends on
+how a sequence is cut into calls.
 
 Heads. Final RMSNorm; LM head D -> V (`text_mask` selects the rows: logits (n_sel, V) flattened in row-major
 order, matching `targets[text_mask]`); latent head D -> C, zero-initialised, whose output is the raw G of the
@@ -134,14 +144,29 @@ def rope_section(n_pairs: int) -> torch.Tensor:
     return torch.where(i % 4 == 1, 1, torch.where(i % 4 == 3, 2, 0))
 
 
-def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, offsets: torch.Tensor | None = None):
+def rope2d_inv_freq(inv_freq: torch.Tensor, section: torch.Tensor, own: bool) -> torch.Tensor:
+    """(P,) frequencies that turn the in-image (row, col) offsets of multimodal RoPE.
+
+    own=False: the 1D ladder's own frequency at each pair ("shared"). own=True: the j-th row pair and the j-th
+    col pair both get 2^-j (j = 0, 1, ...: wavelengths 2 pi, 4 pi, ... cells), so both axes see the same ladder,
+    from neighbouring cells (1 - cos 1 = 0.46 apart) to beyond any grid. Temporal pairs are unchanged."""
+    if not own:
+        return inv_freq
+    j = torch.cumsum((section == 1).long(), 0) - 1                      # rank of each row pair among row pairs
+    j = torch.where(section == 2, torch.cumsum((section == 2).long(), 0) - 1, j)
+    return torch.where(section > 0, torch.exp2(-j.to(inv_freq.dtype)), inv_freq)
+
+
+def rope_cos_sin(pos: torch.Tensor, inv_freq: torch.Tensor, offsets: torch.Tensor | None = None,
+                 offset_freq: torch.Tensor | None = None):
     """pos (B, L) int -> cos, sin (B, 1, L, hd) fp32 in the rotate-half layout (angle i at i and i + P).
 
-    offsets (B, L, P) int, optional: per-pair position offsets (multimodal RoPE row/col sections)."""
-    p = pos.float()[..., None]                                           # (B, L, 1)
+    offsets (B, L, P) int, optional: per-pair position offsets (multimodal RoPE row/col sections), turned by
+    offset_freq (P,) (default: inv_freq), so angle_i = pos inv_freq_i + offset_i offset_freq_i."""
+    ang = pos.float()[..., None] * inv_freq.float()                      # (B, L, P)
     if offsets is not None:
-        p = p + offsets.float()                                          # (B, L, P)
-    ang = p * inv_freq.float()                                           # (B, L, P)
+        of = inv_freq if offset_freq is None else offset_freq
+        ang = ang + offsets.float() * of.float()                         # (B, L, P)
     emb = torch.cat([ang, ang], dim=-1)[:, None]                         # (B, 1, L, hd)
     return emb.cos(), emb.sin()
 
@@ -161,6 +186,43 @@ def sincos_2d(pos2d: torch.Tensor, dim: int) -> torch.Tensor:
     r = pos2d[..., 0:1].double() * w
     c = pos2d[..., 1:2].double() * w
     return torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=-1).float()
+
+
+def image_splits(sel: torch.Tensor, pos2d: torch.Tensor) -> list[tuple[torch.Tensor, int, int]]:
+    """Selected image tokens -> whole splits grouped by grid size: [(idx (n, h*w) flat token indices, h, w), ...].
+
+    sel (B, L) bool (e.g. kind == NOISE), pos2d (B, L, 2). Every split lists its tokens contiguously in row-major
+    grid order (sequence.py, sampling.py), so a split starts at each selected token with (row, col) = (0, 0) and
+    its last token is (h - 1, w - 1). E.g. sel = [T, T, T, T, F, T, T] with (r, c) = 00 01 10 11 . 00 01 is two
+    splits of grids 2x2 (flat 0-3) and 1x2 (5-6). Raises ValueError for a split that is not whole."""
+    B, L = sel.shape
+    ii = sel.reshape(-1).nonzero().squeeze(1)                                   # (n_tok,) flat indices
+    if ii.numel() == 0:
+        return []
+    rc = pos2d.reshape(-1, 2)[ii].long()                                        # (n_tok, 2)
+    start = (rc == 0).all(-1)
+    start[0] = True
+    starts = start.nonzero().squeeze(1)                                         # (n_split,) into ii
+    ends = torch.cat([starts[1:], starts.new_tensor([len(ii)])]) - 1
+    h, w = rc[ends, 0] + 1, rc[ends, 1] + 1
+    if not bool(((ends - starts + 1) == h * w).all()) or bool((ii[ends] // L != ii[starts] // L).any()):
+        raise ValueError("image tokens must come in whole splits in row-major grid order (a split was cut)")
+    out = []
+    for hh, ww in sorted(set(zip(h.tolist(), w.tolist()))):
+        first = starts[(h == hh) & (w == ww)]                                   # (n,) into ii
+        out.append((ii[first[:, None] + torch.arange(hh * ww, device=ii.device)], hh, ww))
+    return out
+
+
+def grid_conv(conv: nn.Conv2d, x: torch.Tensor, splits: list[tuple[torch.Tensor, int, int]],
+              n_out: int) -> torch.Tensor:
+    """conv over each split's token grid: x (n_all, C_in) flat tokens -> (n_all, C_out), zero off the splits."""
+    out = x.new_zeros(n_out, conv.out_channels)
+    for idx, h, w in splits:
+        g = x[idx].view(len(idx), h, w, -1).permute(0, 3, 1, 2)                # (n, C_in, h, w)
+        y = conv(g).permute(0, 2, 3, 1).reshape(-1, conv.out_channels)          # (n h w, C_out)
+        out = out.index_copy(0, idx.reshape(-1), y.to(out.dtype))
+    return out
 
 
 def time_features(x: torch.Tensor, dim: int, max_period: float = 1e4) -> torch.Tensor:
@@ -301,14 +363,15 @@ class NextX(nn.Module):
         self.vocab_size, self.latent_dim = vocab_size, latent_dim
         d = cfg.d_model
         self.embed_tokens = nn.Embedding(vocab_size, d)
-        self.latent_in = nn.Linear(latent_dim, d)
+        k = cfg.latent_conv
+        self.latent_in = nn.Linear(latent_dim, d) if k == 1 else nn.Conv2d(latent_dim, d, k, padding=k // 2)
         self.time_mlp = _mlp(cfg.time_freq_dim, d)          # features of c_noise(t) = 1000 t
         self.gap_mlp = _mlp(cfg.time_freq_dim, d)           # features of 1000 (t - s)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.final_ada = nn.Linear(d, 2 * d)                # SiLU(e) -> (shift, scale) before the latent head
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
-        self.latent_head = nn.Linear(d, latent_dim)
+        self.latent_head = nn.Linear(d, latent_dim) if k == 1 else nn.Conv2d(d, latent_dim, k, padding=k // 2)
         self.register_buffer("rope_inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, rope_scaling))
         self.register_buffer("rope_section", rope_section(cfg.head_dim // 2), persistent=False)
         self.reset_parameters()
@@ -322,6 +385,9 @@ class NextX(nn.Module):
                 nn.init.normal_(m.weight, 0.0, std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):  # latent convolutions: the k*k taps together have a linear's variance
+                nn.init.normal_(m.weight, 0.0, std / m.kernel_size[0])
+                nn.init.zeros_(m.bias)
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
         for blk in self.layers:
@@ -338,7 +404,13 @@ class NextX(nn.Module):
         if latents.shape[-1] != self.latent_dim:
             raise ValueError(f"latents have {latents.shape[-1]} channels, the model expects {self.latent_dim}")
         lat = torch.where(is_img, latents, torch.zeros((), dtype=latents.dtype, device=latents.device))
-        z = self.latent_in(lat.to(self.latent_in.weight.dtype))                       # (B, L, D)
+        lat = lat.to(self.latent_in.weight.dtype)
+        if self.cfg.latent_conv == 1:
+            z = self.latent_in(lat)                                                   # (B, L, D)
+        else:  # conv over every clean and noise split's grid
+            B, L, _ = lat.shape
+            z = grid_conv(self.latent_in, lat.reshape(B * L, -1), image_splits(is_img[..., 0], pos2d),
+                          B * L).view(B, L, -1)
         if self.cfg.pos2d in ("sincos", "rope+sincos"):
             scale = self.cfg.sincos_scale or self.cfg.init_std
             z = z + scale * sincos_2d(pos2d, self.cfg.d_model).to(z.dtype)
@@ -361,7 +433,8 @@ class NextX(nn.Module):
             sec = self.rope_section                                                    # (P,)
             rc = torch.where(is_img, pos2d.long(), 0)                                  # (B, L, 2)
             offsets = torch.where(sec == 1, rc[..., 0:1], torch.where(sec == 2, rc[..., 1:2], 0))  # (B, L, P)
-        return rope_cos_sin(pos, self.rope_inv_freq, offsets)
+        of = rope2d_inv_freq(self.rope_inv_freq, self.rope_section, self.cfg.rope2d_freqs == "own")
+        return rope_cos_sin(pos, self.rope_inv_freq, offsets, of)
 
     def forward(self, ids, kind, pos, pos2d, latents, img, t, s, mask, *, past: list[KV] | None = None,
                 use_cache: bool = False, text_mask: torch.Tensor | None = None) -> ModelOutput:
@@ -400,7 +473,13 @@ class NextX(nn.Module):
             shift, scale = mod.chunk(2, dim=-1)
             h = _modulate(h, nz, shift, scale)                                        # NOISE rows only
         logits = self.lm_head(h[text_mask] if text_mask is not None else h)          # (n_sel or B, [L,] V)
-        return ModelOutput(text_logits=logits, latent_out=self.latent_head(h), past=new_past if use_cache else None)
+        if self.cfg.latent_conv == 1:
+            lat_out = self.latent_head(h)                                             # (B, L, C)
+        else:  # conv over every noise split's grid; zeros elsewhere
+            B, L, _ = h.shape
+            lat_out = grid_conv(self.latent_head, h.reshape(B * L, -1), image_splits(kind == NOISE, pos2d),
+                                B * L).view(B, L, -1)
+        return ModelOutput(text_logits=logits, latent_out=lat_out, past=new_past if use_cache else None)
 
     # ---- helpers
 

@@ -96,9 +96,10 @@ def test_t2i_cached_equals_reference(model, sampler, cfg_scale, prompts):
     assert err < TOL, err
 
 
-@pytest.mark.parametrize("pos2d", ["sincos", "none"])
-def test_t2i_cached_equals_reference_other_2d_positions(pos2d):
-    m = tiny_model(1, pos2d=pos2d)
+@pytest.mark.parametrize("kw", [dict(pos2d="sincos"), dict(pos2d="none"), dict(latent_conv=3),
+                                dict(pos2d="rope+sincos", latent_conv=3, sincos_scale=1.0)])
+def test_t2i_cached_equals_reference_other_2d_positions(kw):
+    m = tiny_model(1, **kw)
     kw = dict(grid=GRID, latent_dim=C, steps=2, cfg_scale=1.5)
     err = (sampling.t2i(m, MIXED, SP, generator=gen(2), **kw) - t2i_reference(m, MIXED, SP, generator=gen(2), **kw))
     assert err.abs().max() < TOL
@@ -174,11 +175,13 @@ def _ref_image(model, prefix, x0, *, steps, cfg_scale, T=0.994, sigma_d=0.5):
     return x.float()
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
-def test_interleaved_cached_equals_recomputation(model, cfg_scale):
+@pytest.mark.parametrize("cfg_scale,conv", [(1.0, 1), (1.5, 1), (1.5, 3)])
+def test_interleaved_cached_equals_recomputation(model, cfg_scale, conv):
     """Mixed-length prompts (one holding a context image), rows drawing images at different steps (so a row's <boi>
     is followed by pads while another row commits its image): every text logit and every image equals a full
-    recomputation of the final document."""
+    recomputation of the final document. conv=3: the latent convolutions see whole splits in every call."""
+    if conv != 1:
+        model = tiny_model(2, latent_conv=conv)
     ctx = ImageTokens(np.random.default_rng(0).normal(0, .5, (N, C)).astype(np.float32), GRID, generate=False)
     prompts = [[[5, 6]], [[7, 8, 9, 10, 11, 12, 13]], [ctx, [14]]]
     trace: dict = {}

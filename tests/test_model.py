@@ -2,6 +2,7 @@
 bf16, 2D positions, a learning step. CPU, tiny dims."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -9,8 +10,9 @@ import torch
 
 from nextx.config import ModelConfig
 from nextx.masks import block_mask, dense_mask, xformers_available
-from nextx.model import ModelOutput, NextX, load_hf_llama, rope_section
-from nextx.sequence import CLEAN, IGNORE, NOISE, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
+from nextx.model import (ModelOutput, NextX, image_splits, load_hf_llama, rope2d_inv_freq, rope_inv_freq,
+                         rope_section)
+from nextx.sequence import CLEAN, IGNORE, NOISE, PAD, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
 
 SP = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
 V, C = 50, 6
@@ -305,9 +307,74 @@ def test_pos2d_variants(pos2d):
     assert changed == (pos2d != "none")
 
 
+def test_image_splits_by_hand():
+    # row 0: T [2x2 split] T [1x2 split]; row 1: [1x2 split] T T T T T
+    kind = torch.tensor([[TEXT, NOISE, NOISE, NOISE, NOISE, TEXT, CLEAN, CLEAN],
+                         [CLEAN, CLEAN, TEXT, TEXT, TEXT, TEXT, TEXT, TEXT]])
+    rc = torch.zeros(2, 8, 2, dtype=torch.long)
+    rc[0, 1:5] = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]])
+    rc[0, 6:8] = torch.tensor([[0, 0], [0, 1]])
+    rc[1, 0:2] = torch.tensor([[0, 0], [0, 1]])
+    img = (kind == NOISE) | (kind == CLEAN)
+    got = image_splits(img, rc)
+    assert [(h, w) for _, h, w in got] == [(1, 2), (2, 2)]
+    assert got[0][0].tolist() == [[6, 7], [8, 9]] and got[1][0].tolist() == [[1, 2, 3, 4]]
+    assert [g[0].tolist() for g in image_splits(kind == NOISE, rc)] == [[[1, 2, 3, 4]]]
+    with pytest.raises(ValueError, match="whole splits"):
+        image_splits(img[:, :4], rc[:, :4])                                  # a 2x2 split cut after 3 tokens
+    assert image_splits(kind == PAD, rc) == []
+
+
+def test_latent_conv_sees_neighbours_and_only_its_split():
+    """latent_conv=3, attention and MLP outputs zeroed: a noise token's output depends on the inputs within 2 cells
+    (3x3 conv in, 3x3 conv out) of its own image only."""
+    torch.manual_seed(0)
+    m = perturb_zero_init(NextX(tiny_cfg(latent_conv=3, pos2d="none"), vocab_size=V, latent_dim=C)).eval()
+    d1 = layout_document([[5, 6], image(3, 4, seed=1)], SP)
+    d2 = layout_document([[7], image(3, 4, seed=2)], SP)
+    b = collate([pack_row([d1, d2], 40, SP.pad)])
+    mask = dense_mask(b.doc, b.kind, b.split)
+    with torch.no_grad():
+        for blk in m.layers:
+            blk.self_attn.o_proj.weight.zero_(), blk.mlp.down_proj.weight.zero_()
+        base = run(m, b, mask).latent_out[0]
+        i = int((b.kind[0] == NOISE).nonzero()[0])                           # first image, cell (0, 0)
+        lat = b.latents.clone()
+        lat[0, i] += 1.0
+        moved = run(m, b, mask, latents=lat).latent_out[0]
+    changed = ((moved - base).abs().sum(-1) > 0).nonzero().squeeze(1).tolist()
+    cells = [tuple(b.pos2d[0, j].tolist()) for j in changed]
+    assert i in changed and all(j - i < 12 for j in changed)                 # its own image only
+    assert (0, 2) in cells and (2, 2) in cells and (0, 3) not in cells and (2, 3) not in cells
+
+
 def test_rope_sections():
     sec = rope_section(16)
     assert (sec == 0).sum() == 8 and (sec == 1).sum() == 4 and (sec == 2).sum() == 4
+
+
+def test_rope2d_own_frequencies():
+    """head_dim 32: pairs 1, 5, 9, 13 (row) and 3, 7, 11, 15 (col) turn at 1, 1/2, 1/4, 1/8; the temporal pairs
+    keep 1e4^(-i/16); 'shared' is the 1D ladder itself."""
+    sec, inv = rope_section(16), rope_inv_freq(32, 1e4)
+    own = rope2d_inv_freq(inv, sec, own=True)
+    for axis_pairs in ([1, 5, 9, 13], [3, 7, 11, 15]):
+        assert own[axis_pairs].tolist() == [1.0, 0.5, 0.25, 0.125]
+    temporal = [0, 2, 4, 6, 8, 10, 12, 14]
+    torch.testing.assert_close(own[temporal], torch.tensor([1e4 ** (-i / 16) for i in temporal]), rtol=1e-6, atol=0)
+    assert torch.equal(rope2d_inv_freq(inv, sec, own=False), inv)
+
+
+@pytest.mark.parametrize("freqs", ["own", "shared"])
+def test_rope2d_angle_of_one_cell(freqs):
+    """An image token at (row 1, col 0), pos 3: row pair 1 turns by 3 w_1 + 1 * f_1 (f_1 = 1 own, w_1 shared)."""
+    m = NextX(tiny_cfg(pos2d="rope", rope2d_freqs=freqs), vocab_size=V, latent_dim=C)
+    pos, kind = torch.tensor([[3]]), torch.tensor([[CLEAN]], dtype=torch.int8)
+    cos, _ = m._rope(pos, torch.tensor([[[1, 0]]]), kind)                # (1, 1, 1, hd)
+    w1 = 1e4 ** (-2 / m.cfg.head_dim)                                     # pair 1 of the 1D ladder
+    want = 3 * w1 + (1.0 if freqs == "own" else w1)
+    assert cos[0, 0, 0, 1].item() == pytest.approx(math.cos(want), abs=1e-6)
+    assert cos[0, 0, 0, 3].item() == pytest.approx(math.cos(3 * 1e4 ** (-6 / m.cfg.head_dim)), abs=1e-6)  # col 0
 
 
 def test_gradient_step_reduces_loss():
