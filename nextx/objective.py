@@ -101,6 +101,18 @@ def _image_times(batch: Batch, cfg: ObjectiveConfig, generator: torch.Generator 
     return t, s, r, groups
 
 
+def group_mean(per_group: torch.Tensor, sizes: list[int], weighting: str) -> torch.Tensor:
+    """(G,) per-group IMM losses -> their mean: "equal" weights every group alike, "size" by its particle count
+    (a last group of 1 image counts 1/M of a full one). E.g. losses (1, 1, 4) of sizes (4, 4, 1): equal 2, size
+    (4 + 4 + 4) / 9 = 4/3."""
+    if weighting == "equal":
+        return per_group.mean()
+    if weighting != "size":
+        raise ValueError(f"unknown partial-group weighting {weighting!r} (expected 'equal' or 'size')")
+    w = torch.tensor(sizes, dtype=per_group.dtype, device=per_group.device)
+    return (per_group * w).sum() / w.sum()
+
+
 def _per_token(x_img: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
     """(n_img,) per-image values -> (B, L) per-token values (0 where img < 0)."""
     if x_img.numel() == 0:
@@ -190,7 +202,7 @@ def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds,
             if len(gen) > k:
                 losses.append(imm.mmd_loss(yi[None, k:], yt[None, k:], tg[n_full:], sg[n_full:], **kw))
         per_group = torch.cat(losses)                                                 # (G,)
-        img_loss = per_group.mean().float()
+        img_loss = group_mean(per_group, [len(g) for g in groups], cfg.partial_group).float()
         parts["imm"] = float(img_loss.detach())
         parts["groups"] = len(groups)
         parts["t_mean"] = float(t[gen.cpu()].mean())

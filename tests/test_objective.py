@@ -8,7 +8,7 @@ from nextx import imm
 from nextx.config import ModelConfig, ObjectiveConfig
 from nextx.masks import dense_mask
 from nextx.model import NextX
-from nextx.objective import _image_times, cfg_dropout, compute_loss, empty_prompt
+from nextx.objective import _image_times, cfg_dropout, compute_loss, empty_prompt, group_mean
 from nextx.sequence import IGNORE, NOISE, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
 
 SP = SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
@@ -86,10 +86,12 @@ def _noise_values(v, b, i):
     return v[at]
 
 
-def test_imm_loss_matches_a_per_group_loop_reference():
+@pytest.mark.parametrize("group_size,weighting", [(2, "equal"), (3, "equal"), (3, "size")])
+def test_imm_loss_matches_a_per_group_loop_reference(group_size, weighting):
     b = _batch(seed=3, rows=4)
     m = _model()
-    cfg = ObjectiveConfig(kind="imm", group_size=2, cfg_drop=0.0, text_weight=0.0, image_weight=1.0)
+    cfg = ObjectiveConfig(kind="imm", group_size=group_size, cfg_drop=0.0, text_weight=0.0, image_weight=1.0,
+                          partial_group=weighting)
     loss, parts = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(7))
 
     # reference: same draws in the same order, then every image on its own, loops over groups
@@ -112,9 +114,21 @@ def test_imm_loss_matches_a_per_group_loop_reference():
         yt = torch.stack([_noise_values(x_r, b, int(i)) - (r[i] - s[i]) * 0.5 * _noise_values(G_r, b, int(i))
                           for i in grp]).double()
         per_group.append(imm.mmd_loss(ys[None], yt[None], t[grp[:1]], s[grp[:1]], sigma_d=0.5))
-    ref = torch.cat(per_group).mean()
+    sizes = torch.tensor([len(grp) for grp in groups], dtype=torch.float64)
+    if group_size == 3:
+        assert sizes[-1] < 3                                      # the batch ends with a partial group
+    w = sizes if weighting == "size" else torch.ones_like(sizes)
+    ref = (torch.cat(per_group) * w).sum() / w.sum()
     assert parts["groups"] == len(groups)
     assert abs(loss.item() - ref.item()) < 1e-5 * max(1.0, abs(ref.item()))
+
+
+def test_group_mean_by_hand():
+    losses = torch.tensor([1.0, 1.0, 4.0])
+    assert group_mean(losses, [4, 4, 1], "equal").item() == 2.0
+    assert group_mean(losses, [4, 4, 1], "size").item() == pytest.approx(12 / 9)
+    with pytest.raises(ValueError, match="partial-group"):
+        group_mean(losses, [4, 4, 1], "drop")
 
 
 def test_k_curriculum_sets_the_r_gap_of_the_step():
