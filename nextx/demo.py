@@ -1,15 +1,19 @@
 """`nextx demo`: the main job end to end on the built-in procedural shapes data, on a CPU, from nothing.
 
-Stages (each skipped when its output already exists, unless --force; outputs under --data, default data/):
-  1. shapes shards      nextx data shapes --out data/shapes32 --n 2000 --size 32
+Stages (outputs under --data, default data/, and --run-dir, default runs/):
+  1. shapes shards      nextx data shapes --out data/shapes32 --n 4000 --object-weights 2,1,1
   2. text tokenizer     nextx tokenizer text --shards data/shapes32 --out data/tok/text
   3. image tokenizer    nextx tokenizer pixel --shards data/shapes32 --out data/tok/pixel32 (4x4 patches, 8x8 grid)
-  4. pipeline check     configs/tiny.yaml's DataLoader: packed batches, packing efficiency, rows/s, bad samples
+  4. pipeline check     the recipe's DataLoader: packed batches, packing efficiency, rows/s, bad samples
   5. scorer self-check  ground-truth renders vs shuffled captions, per fact type
-  6. training           the tiny model (configs/tiny.yaml) with IMM (k curriculum 0 -> 12) -> runs/demo
-  7. evaluation         held-out prompts at 1/2/4/8 IMM steps (exact fact accuracy vs chance), captioning P/R
+  6. training           configs/demo.yaml (the tiny model, IMM with the k curriculum) for --minutes -> runs/demo
+  7. evaluation         held-out prompts at 1/2/4/8 IMM steps (exact fact accuracy vs chance, overall and per
+                        number of objects), the labelled grid, captions beside the truth
 
-Every stage prints what it measured; images land in runs/demo/eval_shapes/*.png.
+Re-runs reuse what exists: a data stage whose output directory is there is skipped (it is written under a
+`.partial` name and renamed only when complete, so an interrupted stage leaves nothing that looks finished),
+and training resumes from the run's last checkpoint (the recipe saves every train.save_every steps; a finished
+run returns at once). --force rebuilds everything.
 """
 
 from __future__ import annotations
@@ -19,21 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from nextx.cli import _call
-
-
-def _stage(title: str, out: Path | None, force: bool, argv: list[str], target: str) -> None:
-    print(f"\n== {title}", flush=True)
-    if out is not None and out.exists() and not force:
-        print(f"   {out} exists: reused (--force rebuilds)")
-        return
-    if out is not None and out.exists():
-        shutil.rmtree(out)
-    print("   $ nextx " + " ".join(target.split() + argv), flush=True)
-    rc = _call(_TARGETS[target], argv, "nextx " + target)
-    if rc:
-        raise SystemExit(f"demo: stage '{title}' failed with exit code {rc}")
-
+from nextx.cli import REPO, _call
 
 _TARGETS = {
     "data shapes": "data_tools.shapes:main",
@@ -45,41 +35,73 @@ _TARGETS = {
 }
 
 
+def _run(title: str, target: str, argv: list[str]) -> None:
+    print(f"\n== {title}\n   $ nextx {target} {' '.join(argv)}", flush=True)
+    rc = _call(_TARGETS[target], argv, "nextx " + target)
+    if rc:
+        raise SystemExit(f"demo: stage '{title}' failed with exit code {rc}")
+
+
+def _built(title: str, out: Path, force: bool, target: str, argv: list[str]) -> None:
+    """Run a stage that writes directory `out` (named by '{out}' in argv) atomically: into out.partial, then
+    renamed. Skipped when `out` exists (unless force)."""
+    if out.exists() and not force:
+        print(f"\n== {title}\n   {out} exists: reused (--force rebuilds)", flush=True)
+        return
+    tmp = out.with_name(out.name + ".partial")
+    for d in (tmp, out):
+        if d.exists():
+            shutil.rmtree(d)
+    _run(title, target, [str(tmp) if x == "{out}" else x for x in argv])
+    tmp.rename(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nextx demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data", help="where shards and tokenizers go (default: data/)")
-    p.add_argument("--n", type=int, default=2000, help="shapes scenes to generate (default 2000)")
-    p.add_argument("--force", action="store_true", help="rebuild every stage's output")
-    p.add_argument("--steps", type=int, default=600, help="training steps of the tiny IMM model (default 600)")
-    p.add_argument("--eval-n", type=int, default=100, help="held-out prompts scored at 1/2/4/8 steps")
+    p.add_argument("--n", type=int, default=4000, help="shapes training scenes to generate (default 4000)")
+    p.add_argument("--object-weights", default="2,1,1", help="weights of 1/2/3-object training scenes")
+    p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="the training recipe")
+    p.add_argument("--minutes", type=float, default=9.0, help="cap on the training wall time (default 9); the "
+                   "recipe's train.steps is the other bound")
+    p.add_argument("--eval-n", type=int, default=200, help="held-out prompts scored at 1/2/4/8 steps")
     p.add_argument("--run-dir", default="runs", help="where the demo run goes (default: runs/demo)")
+    p.add_argument("--force", action="store_true", help="rebuild every stage's output and train from scratch")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the training recipe")
     a = p.parse_args(argv)
+    if a.minutes <= 0 or a.n <= 0 or a.eval_n <= 0:
+        p.error("--minutes, --n and --eval-n must be > 0")
     d = Path(a.data)
     t0 = time.perf_counter()
     shards, text, pixel = d / "shapes32", d / "tok" / "text", d / "tok" / "pixel32"
-    _stage("1. shapes shards (32 px)", shards, a.force,
-           ["--out", str(shards), "--n", str(a.n), "--size", "32", "--seed", "0"], "data shapes")
-    _stage("2. text tokenizer (SentencePiece BPE)", text, a.force,
-           ["--shards", str(shards), "--out", str(text), "--vocab-size", "256"], "tokenizer text")
-    _stage("3. image tokenizer (4x4 pixel patches, sigma_d = 0.5)", pixel, a.force,
-           ["--shards", str(shards), "--out", str(pixel), "--image-size", "32", "--patch-size", "4"],
-           "tokenizer pixel")
-    print("\n== 4. reading pipeline (configs/tiny.yaml)", flush=True)
+    _built("1. shapes shards (32 px)", shards, a.force, "data shapes",
+           ["--out", "{out}", "--n", str(a.n), "--heldout-n", str(max(a.eval_n, 200)), "--size", "32",
+            "--seed", "0", "--object-weights", a.object_weights])
+    _built("2. text tokenizer (SentencePiece BPE)", text, a.force, "tokenizer text",
+           ["--shards", str(shards), "--out", "{out}", "--vocab-size", "256"])
+    _built("3. image tokenizer (4x4 pixel patches, sigma_d = 0.5)", pixel, a.force, "tokenizer pixel",
+           ["--shards", str(shards), "--out", "{out}", "--image-size", "32", "--patch-size", "4"])
+    data_over = [f"data.train_shards={shards}", f"data.val_shards={shards}", f"data.text_tokenizer={text}",
+                 f"data.image_tokenizer={pixel}"]
+    print(f"\n== 4. reading pipeline ({a.config})", flush=True)
     from data_tools.rows import pipeline_check
 
-    pipeline_check("configs/tiny.yaml", [f"data.train_shards={shards}", f"data.text_tokenizer={text}",
-                                         f"data.image_tokenizer={pixel}"], n_batches=20)
-    _stage("5. exact scorer self-check", None, True, ["--n", "200"], "eval shapes-selfcheck")
+    pipeline_check(a.config, data_over + a.overrides, n_batches=20)
+    _run("5. exact scorer self-check", "eval shapes-selfcheck", ["--n", "200"])
     run = Path(a.run_dir) / "demo"
-    ramp = max(1, round(2 * a.steps / 3))  # the k curriculum (README "IMM's induction depth"): 0 -> 12 over 2/3
-    _stage(f"6. train the tiny model with IMM ({a.steps} steps, configs/tiny.yaml, k 0 -> 12 over {ramp})",
-           run, a.force,
-           ["configs/tiny.yaml", "name=demo", f"run_dir={a.run_dir}", f"data.train_shards={shards}",
-            f"data.val_shards={shards}", f"data.text_tokenizer={text}", f"data.image_tokenizer={pixel}",
-            f"train.steps={a.steps}", "train.log_every=50", f"objective.k_ramp_steps={ramp}"], "train")
-    _stage("7. held-out prompts: exact fact accuracy at 1/2/4/8 IMM steps, captions", None, True,
-           [str(run), "--n", str(a.eval_n), "--steps", "1,2,4,8"], "eval shapes")
-    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s")
+    if a.force and run.exists():
+        shutil.rmtree(run)
+    _run(f"6. train ({a.config}, at most {a.minutes:g} min; resumes a run that was interrupted)", "train",
+         [a.config, "name=demo", f"run_dir={a.run_dir}", *data_over, *a.overrides, "--max-minutes", str(a.minutes)])
+    out = run / "eval_shapes"
+    _run("7. held-out prompts: exact fact accuracy at 1/2/4/8 IMM steps, captions", "eval shapes",
+         [str(run), "--n", str(a.eval_n), "--steps", "1,2,4,8", "--out", str(out)])
+    print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s. It wrote:")
+    for what, path in (("shards (train + held-out)", shards), ("text tokenizer", text), ("image tokenizer", pixel),
+                       ("run: config, metrics.jsonl, checkpoints, exports", run),
+                       ("labelled grid: prompts under the columns, one row per step count", out / "t2i_grid.png"),
+                       ("scores: eval.json (per fact, per number of objects, chance, captions)", out / "eval.json")):
+        print(f"  {what:<70} {path}")
     return 0
 
 

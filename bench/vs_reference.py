@@ -1,0 +1,85 @@
+"""nextx vs the calibration reference at equal wall time (not a test): one after the other, same shards, same scorer.
+
+    python bench/vs_reference.py --minutes 5                       # flow, caption->image only (the reference's task)
+    python bench/vs_reference.py --minutes 5 --objective imm --steps 4
+
+1. `nextx eval reference` trains the minimal DiT-style flow model (evals/reference.py) for --minutes and scores it
+   on the held-out prompts with Euler at --ref-steps.
+2. `nextx train configs/demo.yaml` with the same shards and tokenizers, the chosen objective, caption->image
+   layouts only (data.t2i_ratio=1.0), for the same wall time; `nextx eval shapes` on the same prompts.
+3. Prints images per second of both (the trainer's images_per_s over the run; the reference's count / time) and
+   the per-fact accuracy, overall and per number of objects, side by side, and writes vs_reference.json.
+Run it on idle cores: the two trainings run one after the other, so they share nothing but the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FACTS = ("count", "colour", "shape", "size", "position", "relation")
+
+
+def _row(name: str, ips: float, r: dict) -> list[str]:
+    rows = [f"{name:<22} {ips:>8.1f}  all      " + " ".join(
+        f"{r['accuracy'].get(f, float('nan')):>8.2f}" for f in FACTS) + f" {r['all_correct']:>8.2f}"]
+    for n, rn in r.get("by_objects", {}).items():
+        rows.append(f"{'':<22} {'':>8}  {n}-obj {rn['n']:>3} " + " ".join(
+            f"{rn['accuracy'].get(f, float('nan')):>8.2f}" for f in FACTS) + f" {rn['all_correct']:>8.2f}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", default="data/shapes32")
+    p.add_argument("--text-tokenizer", default="data/tok/text")
+    p.add_argument("--image-tokenizer", default="data/tok/pixel32")
+    p.add_argument("--out", default="runs/vs_reference")
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--objective", choices=["flow", "imm"], default="flow")
+    p.add_argument("--steps", type=int, default=30, help="nextx sampling steps (Euler for flow, pushforward for IMM)")
+    p.add_argument("--ref-steps", type=int, default=30, help="the reference's Euler steps")
+    p.add_argument("--n", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml for the nextx run")
+    a = p.parse_args(argv)
+    from evals import reference, shapes_eval
+    from nextx import train
+
+    out = Path(a.out)
+    ref_dir, run = out / "reference", out / f"nextx_{a.objective}"
+    if not (ref_dir / "reference.json").exists():
+        reference.main(["--shards", a.shards, "--text-tokenizer", a.text_tokenizer, "--image-tokenizer",
+                        a.image_tokenizer, "--out", str(ref_dir), "--minutes", str(a.minutes), "--steps",
+                        str(a.ref_steps), "--n", str(a.n), "--threads", str(a.threads)])
+    ref = json.loads((ref_dir / "reference.json").read_text())
+    obj = ["objective.kind=flow", "objective.image_weight=4"] if a.objective == "flow" else []
+    train.main([str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"), f"name={run.name}",
+                f"run_dir={out}", f"data.train_shards={a.shards}", f"data.val_shards={a.shards}",
+                f"data.text_tokenizer={a.text_tokenizer}", f"data.image_tokenizer={a.image_tokenizer}",
+                "data.t2i_ratio=1.0", f"train.threads={a.threads}", "train.steps=100000", "train.save_every=0",
+                *obj, *a.overrides, "--max-minutes", str(a.minutes)])
+    shapes_eval.main([str(run), "--n", str(a.n), "--steps", str(a.steps), "--out", str(run / "eval")])
+    nx = json.loads((run / "eval" / "eval.json").read_text())
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "images_per_s" in r]
+    nx_ips = sum(r["images"] for r in recs) / sum(r["images"] / r["images_per_s"] for r in recs)
+    res = {"minutes": a.minutes, "reference_images_per_s": ref["images_per_s"], "nextx_images_per_s": nx_ips,
+           "ratio": nx_ips / ref["images_per_s"], "reference": ref["t2i"][str(a.ref_steps)],
+           "nextx": nx["t2i"][str(a.steps)], "objective": a.objective}
+    (out / "vs_reference.json").write_text(json.dumps(res, indent=2))
+    print(f"\n{'model':<22} {'images/s':>8}  prompts  " + " ".join(f"{f:>8}" for f in FACTS) + f" {'all':>8}")
+    for line in (_row(f"reference ({a.ref_steps} Euler)", ref["images_per_s"], res["reference"])
+                 + _row(f"nextx {a.objective} ({a.steps})", nx_ips, res["nextx"])):
+        print(line)
+    print(f"images/s ratio nextx / reference: {res['ratio']:.2f}  -> {out / 'vs_reference.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
