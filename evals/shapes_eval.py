@@ -102,7 +102,8 @@ def grid_columns(captions: list[str], n: int) -> list[int]:
 
 def score_with_chance(ims: list, captions: list[str], seed: int) -> dict:
     """Exact scores of generated images against their prompts, and against shuffled prompts (chance), overall and
-    per number of objects the prompt names (`by_objects[n]`: chance shuffles among the n-object prompts only)."""
+    per number of objects the prompt names (`by_objects[n]`: chance shuffles among the n-object prompts only, so
+    within a group the count fact's chance equals its accuracy: it reads "exactly n objects drawn")."""
     from data_tools.shapes import parse_caption
     from evals.shapes_score import score_t2i
 

@@ -39,6 +39,7 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "shapes": ("evals.shapes_eval:main", "held-out shapes prompts: fact accuracy per step count, captions"),
         "overfit": ("evals.overfit:main", "learning proof: overfit 8 shapes images, generate and caption them back"),
         "reference": ("evals.reference:main", "calibration: a minimal DiT-style flow model on the same shards and scorer"),
+        "attention": ("evals.attention_locality:main", "attention inside an image: mass, entropy, cell distance per layer"),
     },
     "train": {"": ("nextx.train:main", "train a model: CONFIG [key=value ...] (torchrun/deepspeed launchable)")},
     "t2i": {"": ("nextx.infer:t2i_main", "text-to-image: RUN --prompt ... | --prompts-file F --out DIR")},

@@ -63,3 +63,24 @@ def test_reference_end_to_end(tmp_path, capsys):
     assert set(r["t2i"]) == {"1", "2"} and all(np.isfinite(v) for v in r["t2i"]["2"]["accuracy"].values())
     assert (out / "reference_grid.png").exists() and (out / "reference.pt").exists()
     assert "images/s" in capsys.readouterr().out
+
+
+def test_attention_locality_by_hand():
+    import math
+
+    import torch
+
+    from evals.attention_locality import locality
+
+    N = 6                                                    # a 2x3 grid; 2 caption keys before the image keys
+    uniform = torch.zeros(1, 1, N, 2 + N)
+    uniform[..., 2:] = 0.5 / N
+    uniform[..., :2] = 0.25
+    r = locality(uniform, (2, 3))
+    assert r["mass"] == pytest.approx(0.5) and r["entropy"] == pytest.approx(math.log(N), abs=1e-5)
+    assert r["distance"] == pytest.approx(r["distance_uniform"]) and r["distance_uniform"] == pytest.approx(
+        sum(abs(a // 3 - b // 3) + abs(a % 3 - b % 3) for a in range(N) for b in range(N)) / N ** 2)
+    self_only = torch.zeros(1, 1, N, 2 + N)
+    self_only[0, 0, torch.arange(N), 2 + torch.arange(N)] = 1.0
+    r = locality(self_only, (2, 3))
+    assert r["mass"] == 1.0 and r["entropy"] == pytest.approx(0.0, abs=1e-6) and r["distance"] == 0.0
