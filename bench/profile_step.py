@@ -1,0 +1,87 @@
+"""Where one training step's time goes (not a test): torch.profiler over mixed steps at a config's dims, CPU.
+
+    python bench/profile_step.py configs/demo.yaml [--steps 20] [--threads 2] [key=value ...]
+
+Synthetic packed rows of the config's row_len and batch_rows (caption+image documents, half caption->image, as
+bench/train_throughput.py builds them), the config's objective and engine. Prints the median step time, the share of
+the IMM target pass (no-grad forward), and the top operators by self CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from bench.train_throughput import SP, synthetic_batches
+from nextx.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--latent-dim", type=int, default=48)
+    p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--top", type=int, default=15)
+    p.add_argument("overrides", nargs="*")
+    a = p.parse_args(argv)
+    from nextx import objective
+    from nextx.engine import PlainEngine
+    from nextx.model import NextX
+
+    torch.set_num_threads(a.threads)
+    cfg = load_config(a.config, ["dist.engine=plain", "dist.zero_stage=0", *a.overrides])
+    torch.manual_seed(0)
+    model = NextX(cfg.model, vocab_size=a.vocab, latent_dim=a.latent_dim)
+    eng = PlainEngine(cfg, model)
+    batches = synthetic_batches("mixed", 4, cfg.data.batch_rows, cfg.data.row_len, a.vocab, a.latent_dim,
+                                (a.grid, a.grid))
+    gen = torch.Generator()
+    target_s: list[float] = []
+    orig = objective._target_pass
+
+    def timed_target(*args, **kw):
+        t0 = time.perf_counter()
+        out = orig(*args, **kw)
+        target_s.append(time.perf_counter() - t0)
+        return out
+
+    objective._target_pass = timed_target
+
+    def step(i: int) -> float:
+        t0 = time.perf_counter()
+        gen.manual_seed(i)
+        loss, _ = objective.compute_loss(model, batches[i % 4], cfg.objective, SP, attention=cfg.model.attention,
+                                         n_heads=cfg.model.n_heads, generator=gen, step=i)
+        eng.backward(loss)
+        eng.step()
+        return time.perf_counter() - t0
+
+    for i in range(3):
+        step(i)
+    target_s.clear()
+    times = [step(i) for i in range(a.steps)]
+    med = statistics.median(times)
+    print(f"{a.config}: median step {med * 1e3:.0f} ms over {a.steps} steps ({cfg.data.batch_rows}x"
+          f"{cfg.data.row_len} tokens, {a.threads} threads); IMM target pass "
+          f"{statistics.median(target_s) * 1e3 if target_s else 0:.0f} ms "
+          f"({(statistics.median(target_s) if target_s else 0) / med:.0%})")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for i in range(5):
+            step(i)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.top))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
