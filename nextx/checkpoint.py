@@ -254,6 +254,17 @@ def read_state_dict(d: Path, cfg: Config, *, ema: bool = False) -> dict:
     raise FileNotFoundError(f"{d}: no model.safetensors, state.pt or DeepSpeed model states")
 
 
+def load_run_config(path: Path) -> Config:
+    """A run's saved config.yaml -> Config, reading fields added since the run was saved as the values the run
+    actually used: a config without `model.rope2d_freqs` was written before that option existed, when the 2D RoPE
+    pairs turned at the shared 1D ladder."""
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    legacy = ["model.rope2d_freqs=shared"] if "rope2d_freqs" not in (raw.get("model") or {}) else []
+    return load_config(path, legacy)
+
+
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu", *, ema: bool = False):
     """-> (model in eval mode, cfg, text tokenizer, image tokenizer, SpecialIds) from an export or a checkpoint.
 
@@ -265,7 +276,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", *, 
     from nextx.train import build_model
 
     d = resolve(path)
-    cfg = load_config(d / "config.yaml")
+    cfg = load_run_config(d / "config.yaml")
     text_tok = load_tokenizer(cfg.data.text_tokenizer)
     image_tok = load_image_tokenizer(cfg.data.image_tokenizer)
     cfg.model.hf_init = ""  # the checkpoint holds every weight

@@ -54,6 +54,8 @@ class ModelConfig:
     #   coarser than rows, about one useful pair per axis over an 8x8 grid; the layout before 2026-11-29)
     latent_conv: int = 1          # kernel of the latent embedding and latent head over each image's token grid: 1 =
     #   linear per token; 3 = 3x3 convolutions, so every token's input and output see its neighbours from the start
+    block_conv: int = 0           # 0 = off; k = a zero-initialised depthwise k x k convolution over each image split's
+    #   grid in every block (after attention), so locality does not wait for attention to learn it
     sincos_scale: float = 0.0     # amplitude of the fixed 2D sin-cos table added to latent embeddings (0 -> init_std)
     attention: Literal["sdpa", "flex", "xformers"] = "sdpa"  # sdpa: dense bool mask (CPU, reference)
     activation_checkpointing: bool = False
@@ -78,6 +80,8 @@ class ModelConfig:
         _require(self.time_freq_dim % 2 == 0, f"{p}.time_freq_dim", "must be even (sin and cos halves)")
         _require(self.latent_conv >= 1 and self.latent_conv % 2 == 1, f"{p}.latent_conv",
                  f"must be an odd kernel size >= 1 (1 = linear), got {self.latent_conv}")
+        _require(self.block_conv == 0 or (self.block_conv > 0 and self.block_conv % 2 == 1), f"{p}.block_conv",
+                 f"must be 0 (off) or an odd kernel size, got {self.block_conv}")
 
 
 @dataclass

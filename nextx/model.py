@@ -45,8 +45,10 @@ Latent convolutions (`latent_conv: 3`). The latent embedding and the latent head
 image split's token grid (`image_splits` finds the splits from pos2d: each starts at (0, 0) and runs row-major),
 instead of linear maps per token. Then every image token's input and output see its neighbours from the first step,
 before attention has learned any locality (small models on short budgets draw scattered patches otherwise: README).
-A split is always run whole (training rows, the sampler's noise and clean chunks), so the result never depends on
-how a sequence is cut into calls.
+`block_conv: k` adds, in every block after attention, a zero-initialised depthwise k x k convolution over the same
+grids (residual), so locality grows through the depth without waiting for attention. A split is always run whole
+(training rows, the sampler's noise and clean chunks), so the result never depends on how a sequence is cut into
+calls.
 
 Heads. Final RMSNorm; LM head D -> V (`text_mask` selects the rows: logits (n_sel, V) flattened in row-major
 order, matching `targets[text_mask]`); latent head D -> C, zero-initialised, whose output is the raw G of the
@@ -321,21 +323,30 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.ada = nn.Linear(cfg.d_model, 6 * cfg.d_model)                      # SiLU(e) -> 6 x (n_img, D)
+        k = cfg.block_conv
+        self.local = nn.Conv2d(cfg.d_model, cfg.d_model, k, padding=k // 2, groups=cfg.d_model) if k else None
 
-    def forward(self, x, cos, sin, mask, past: KV | None, cond):
+    def _local(self, x, splits):
+        """x + depthwise conv over every image split's grid (block_conv; identity when off or without images)."""
+        if self.local is None or not splits:
+            return x
+        B, L, D = x.shape
+        return x + grid_conv(self.local, x.reshape(B * L, D), splits, B * L).view(B, L, D)
+
+    def forward(self, x, cos, sin, mask, past: KV | None, cond, splits=None):
         """cond: None (no NOISE token), or (silu_e (n_img, D) fp32, nz (n_noise,) flat token index, ni (n_noise,)
-        image index of each NOISE token)."""
+        image index of each NOISE token). splits: `image_splits` of the image tokens (for block_conv)."""
         h = self.input_layernorm(x)
         if cond is None:
             a, kv = self.self_attn(h, cos, sin, mask, past)
-            x = x + a
+            x = self._local(x + a, splits)
             return x + self.mlp(self.post_attention_layernorm(x)), kv
         silu_e, nz, ni = cond
         with torch.autocast(x.device.type, enabled=False):                    # time path in fp32
             mod = self.ada(silu_e.to(self.ada.weight.dtype)).float()[ni]       # (n_noise, 6D), per image then gathered
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
         a, kv = self.self_attn(_modulate(h, nz, sh1, sc1), cos, sin, mask, past)
-        x = x + _modulate(a, nz, None, g1)
+        x = self._local(x + _modulate(a, nz, None, g1), splits)
         m = self.mlp(_modulate(self.post_attention_layernorm(x), nz, sh2, sc2))
         return x + _modulate(m, nz, None, g2), kv
 
@@ -394,12 +405,14 @@ class NextX(nn.Module):
             nn.init.normal_(blk.self_attn.o_proj.weight, 0.0, std / math.sqrt(2 * n))
             nn.init.normal_(blk.mlp.down_proj.weight, 0.0, std / math.sqrt(2 * n))
             nn.init.zeros_(blk.ada.weight), nn.init.zeros_(blk.ada.bias)
+            if blk.local is not None:                      # block convolutions start as the identity
+                nn.init.zeros_(blk.local.weight), nn.init.zeros_(blk.local.bias)
         for m in (self.final_ada, self.latent_head):
             nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
 
     # ---- forward pieces
 
-    def _embed(self, ids, kind, pos2d, latents):
+    def _embed(self, ids, kind, pos2d, latents, splits):
         is_img = ((kind == CLEAN) | (kind == NOISE))[..., None]                       # (B, L, 1)
         if latents.shape[-1] != self.latent_dim:
             raise ValueError(f"latents have {latents.shape[-1]} channels, the model expects {self.latent_dim}")
@@ -409,8 +422,7 @@ class NextX(nn.Module):
             z = self.latent_in(lat)                                                   # (B, L, D)
         else:  # conv over every clean and noise split's grid
             B, L, _ = lat.shape
-            z = grid_conv(self.latent_in, lat.reshape(B * L, -1), image_splits(is_img[..., 0], pos2d),
-                          B * L).view(B, L, -1)
+            z = grid_conv(self.latent_in, lat.reshape(B * L, -1), splits, B * L).view(B, L, -1)
         if self.cfg.pos2d in ("sincos", "rope+sincos"):
             scale = self.cfg.sincos_scale or self.cfg.init_std
             z = z + scale * sincos_2d(pos2d, self.cfg.d_model).to(z.dtype)
@@ -448,7 +460,10 @@ class NextX(nn.Module):
             if mask.dim() != 4 or mask.shape[-2:] != (ids.shape[1], lk):
                 raise ValueError(f"mask must be (B, 1, {ids.shape[1]}, {lk}) (queries x cached+new keys), "
                                  f"got {tuple(mask.shape)}")
-        x = self._embed(ids, kind, pos2d, latents)                                    # (B, L, D)
+        splits = None                                                                 # image splits by grid
+        if self.cfg.latent_conv > 1 or self.cfg.block_conv:
+            splits = image_splits((kind == CLEAN) | (kind == NOISE), pos2d)
+        x = self._embed(ids, kind, pos2d, latents, splits)                            # (B, L, D)
         cos, sin = self._rope(pos, pos2d, kind)                                       # (B, 1, L, hd) each
         noise = (kind == NOISE).reshape(-1)
         nz = noise.nonzero().squeeze(1)                                               # (n_noise,) flat indices
@@ -461,9 +476,9 @@ class NextX(nn.Module):
         for i, blk in enumerate(self.layers):
             p = past[i] if past is not None else None
             if ckpt:
-                x, kv = checkpoint(blk, x, cos, sin, mask, p, cond, use_reentrant=False)
+                x, kv = checkpoint(blk, x, cos, sin, mask, p, cond, splits, use_reentrant=False)
             else:
-                x, kv = blk(x, cos, sin, mask, p, cond)
+                x, kv = blk(x, cos, sin, mask, p, cond, splits)
             if use_cache:
                 new_past.append(kv)
         h = self.norm(x)

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from nextx import imm
-from nextx.checkpoint import (barrier, clean_partial, export, fault_point, latest_checkpoint, load_train_state,
+from nextx.checkpoint import (barrier, clean_partial, export, fault_point, latest_checkpoint, load_run_config,
+                              load_train_state,
                               save_checkpoint, set_rng_state)
 from nextx.config import Config, ConfigError, load_config, save_config, to_dict
 from nextx.data import build_loader
@@ -132,7 +133,7 @@ def find_resume(cfg: Config, out: Path) -> Path | None:
         if cfg.train.resume == "must":
             raise ConfigError(f"train.resume: 'must' but {out}/checkpoints has no complete checkpoint")
         return None
-    old = load_config(d / "config.yaml")
+    old = load_run_config(d / "config.yaml")
     if _resume_keys(old) != _resume_keys(cfg):
         a, b = _resume_keys(old), _resume_keys(cfg)
         diff = [k for k in a if a[k] != b[k]]

@@ -69,3 +69,19 @@ def test_bad_yaml_files(tmp_path):
     p.write_text("model: 3\n")
     with pytest.raises(ConfigError, match=r"model: is a section"):
         load_config(p)
+
+
+def test_run_config_saved_before_rope2d_freqs_keeps_the_shared_ladder(tmp_path):
+    import yaml
+
+    from nextx.checkpoint import load_run_config
+
+    new = tmp_path / "new.yaml"
+    save_config(load_config(None, []), new)
+    assert load_run_config(new).model.rope2d_freqs == "own"
+    tree = yaml.safe_load(new.read_text())
+    del tree["model"]["rope2d_freqs"]                       # a run saved before the option existed
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(tree))
+    assert load_run_config(old).model.rope2d_freqs == "shared"
+    assert load_config(old).model.rope2d_freqs == "own"    # a plain config file takes today's default

@@ -37,7 +37,7 @@ def tiny_model(seed=0, **kw) -> NextX:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():                       # the modulation and latent head are zero at init: make them act
         for name, p in m.named_parameters():
-            if "ada" in name or "latent_head" in name:
+            if "ada" in name or "latent_head" in name or ".local." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return m
 
@@ -97,7 +97,8 @@ def test_t2i_cached_equals_reference(model, sampler, cfg_scale, prompts):
 
 
 @pytest.mark.parametrize("kw", [dict(pos2d="sincos"), dict(pos2d="none"), dict(latent_conv=3),
-                                dict(pos2d="rope+sincos", latent_conv=3, sincos_scale=1.0)])
+                                dict(pos2d="rope+sincos", latent_conv=3, sincos_scale=1.0),
+                                dict(latent_conv=3, block_conv=3)])
 def test_t2i_cached_equals_reference_other_2d_positions(kw):
     m = tiny_model(1, **kw)
     kw = dict(grid=GRID, latent_dim=C, steps=2, cfg_scale=1.5)
@@ -175,13 +176,13 @@ def _ref_image(model, prefix, x0, *, steps, cfg_scale, T=0.994, sigma_d=0.5):
     return x.float()
 
 
-@pytest.mark.parametrize("cfg_scale,conv", [(1.0, 1), (1.5, 1), (1.5, 3)])
+@pytest.mark.parametrize("cfg_scale,conv", [(1.0, 1), (1.5, 1), (1.5, 3), (1.5, "block")])
 def test_interleaved_cached_equals_recomputation(model, cfg_scale, conv):
     """Mixed-length prompts (one holding a context image), rows drawing images at different steps (so a row's <boi>
     is followed by pads while another row commits its image): every text logit and every image equals a full
     recomputation of the final document. conv=3: the latent convolutions see whole splits in every call."""
     if conv != 1:
-        model = tiny_model(2, latent_conv=conv)
+        model = tiny_model(2, latent_conv=3, block_conv=3 if conv == "block" else 0)
     ctx = ImageTokens(np.random.default_rng(0).normal(0, .5, (N, C)).astype(np.float32), GRID, generate=False)
     prompts = [[[5, 6]], [[7, 8, 9, 10, 11, 12, 13]], [ctx, [14]]]
     trace: dict = {}

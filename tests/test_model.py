@@ -28,7 +28,7 @@ def perturb_zero_init(model: NextX, std: float = 0.05, seed: int = 0) -> NextX:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "ada" in name or "latent_head" in name:
+            if "ada" in name or "latent_head" in name or ".local." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
 
@@ -346,6 +346,30 @@ def test_latent_conv_sees_neighbours_and_only_its_split():
     cells = [tuple(b.pos2d[0, j].tolist()) for j in changed]
     assert i in changed and all(j - i < 12 for j in changed)                 # its own image only
     assert (0, 2) in cells and (2, 2) in cells and (0, 3) not in cells and (2, 3) not in cells
+
+
+def test_block_conv_widens_the_neighbourhood_and_starts_as_identity():
+    """block_conv=3 in 2 layers, attention/MLP outputs zeroed: the input at (0, 0) reaches 2 + 2 = 4 cells; at
+    init the block convolutions are zero, so the model equals one without them."""
+    torch.manual_seed(0)
+    fresh = NextX(tiny_cfg(latent_conv=3, block_conv=3, pos2d="none"), vocab_size=V, latent_dim=C).eval()
+    plain = NextX(tiny_cfg(latent_conv=3, pos2d="none"), vocab_size=V, latent_dim=C).eval()
+    plain.load_state_dict({k: v for k, v in fresh.state_dict().items() if ".local." not in k})
+    d1 = layout_document([[5, 6], image(2, 6, seed=1)], SP)
+    b = collate([pack_row([d1], 24, SP.pad)])
+    mask = dense_mask(b.doc, b.kind, b.split)
+    with torch.no_grad():
+        torch.testing.assert_close(run(fresh, b, mask).latent_out, run(plain, b, mask).latent_out)
+        m = perturb_zero_init(fresh)
+        for blk in m.layers:
+            blk.self_attn.o_proj.weight.zero_(), blk.mlp.down_proj.weight.zero_()
+        base = run(m, b, mask).latent_out[0]
+        i = int((b.kind[0] == NOISE).nonzero()[0])
+        lat = b.latents.clone()
+        lat[0, i] += 1.0
+        moved = run(m, b, mask, latents=lat).latent_out[0]
+    cols = {int(b.pos2d[0, j, 1]) for j in ((moved - base).abs().sum(-1) > 0).nonzero().squeeze(1).tolist()}
+    assert cols == {0, 1, 2, 3, 4}                                            # 1 (in) + 1 + 1 (blocks) + 1 (out)
 
 
 def test_rope_sections():
