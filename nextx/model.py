@@ -492,8 +492,10 @@ class NextX(nn.Module):
             lat_out = self.latent_head(h)                                             # (B, L, C)
         else:  # conv over every noise split's grid; zeros elsewhere
             B, L, _ = h.shape
-            lat_out = grid_conv(self.latent_head, h.reshape(B * L, -1), image_splits(kind == NOISE, pos2d),
-                                B * L).view(B, L, -1)
+            flat_kind = kind.reshape(-1)                                              # the noise splits:
+            noise_splits = [(idx[flat_kind[idx[:, 0]] == NOISE], hh, ww) for idx, hh, ww in splits]
+            lat_out = grid_conv(self.latent_head, h.reshape(B * L, -1),
+                                [s for s in noise_splits if len(s[0])], B * L).view(B, L, -1)
         return ModelOutput(text_logits=logits, latent_out=lat_out, past=new_past if use_cache else None)
 
     # ---- helpers
