@@ -94,9 +94,9 @@ def grid_columns(captions: list[str], n: int) -> list[int]:
     """Indices of up to n prompts for the labelled grid: single-object prompts first, then two-object ones."""
     from data_tools.shapes import parse_caption
 
-    by_n = sorted(range(len(captions)), key=lambda i: (len(parse_caption(captions[i]).nps), i))
-    ones = [i for i in by_n if len(parse_caption(captions[i]).nps) == 1][: n // 2 + n % 2]
-    rest = [i for i in by_n if i not in ones][: n - len(ones)]
+    n_obj = [len(parse_caption(c).nps) for c in captions]
+    ones = [i for i in range(len(captions)) if n_obj[i] == 1][: n // 2 + n % 2]
+    rest = sorted((i for i in range(len(captions)) if n_obj[i] != 1), key=lambda i: (n_obj[i], i))[: n - len(ones)]
     return ones + rest
 
 
