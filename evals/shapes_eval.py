@@ -23,17 +23,20 @@ from nextx.infer import grid_image, to_pil
 FACTS = ("count", "colour", "shape", "size", "position", "relation")
 
 
-def held_out_docs(cfg, n: int):
+def held_out_docs(cfg, n: int, split: str | None = None, shards: str | None = None):
+    """The first n documents of `split` (default: the run's held-out split, data.val_split) of `shards` (default:
+    the run's val shards)."""
     from nextx.documents import decode_document, iter_raw_samples, shard_paths
 
-    src = cfg.data.val_shards or cfg.data.train_shards
+    src = shards or cfg.data.val_shards or cfg.data.train_shards
+    split = split or cfg.data.val_split
     docs = []
-    for raw in iter_raw_samples(shard_paths(src, cfg.data.val_split)):
+    for raw in iter_raw_samples(shard_paths(src, split)):
         docs.append(decode_document(raw))
         if len(docs) == n:
             break
     if not docs:
-        raise SystemExit(f"no documents in split {cfg.data.val_split!r} of {src}")
+        raise SystemExit(f"no documents in split {split!r} of {src}")
     return docs
 
 
@@ -58,7 +61,7 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
             prompts = [text_tok.encode(c) for c in captions[i:i + batch]]
             lat = t2i(model, prompts, special, grid=image_tok.grid, latent_dim=image_tok.token_dim,
                                 steps=k, sampler=sampler, cfg_scale=cfg_scale, sigma_d=o.sigma_d, T=o.T, eps=o.eps,
-                                generator=torch.Generator().manual_seed(seed + i))
+                                null_prompt=o.null_prompt, generator=torch.Generator().manual_seed(seed + i))
             ims += to_pil(image_tok.decode(lat))
         res["t2i"][k] = {**score_with_chance(ims, captions, seed), "seconds": time.perf_counter() - t0}
         grids[k] = ims
@@ -184,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", help="run dir (or checkpoint dir) of a model trained on shapes shards")
     p.add_argument("--steps", default="1,2,4,8", help="comma-separated sampling step counts")
     p.add_argument("--n", type=int, default=200, help="held-out prompts")
+    p.add_argument("--split", default=None, help="shard split to take prompts from (default: the run's held-out "
+                   "split; 'train' with --shards of another seed: new scenes of the training distribution)")
+    p.add_argument("--shards", default=None, help="shapes shard dir to take prompts from (default: the run's val "
+                   "shards)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--sampler", default=None, choices=["pushforward", "restart", "euler"])
     p.add_argument("--batch", type=int, default=50)
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     model, cfg, text_tok, image_tok, special = load_for_inference(a.run, ema=a.ema)
     out = Path(a.out or Path(a.run) / "eval_shapes")
     out.mkdir(parents=True, exist_ok=True)
-    docs = held_out_docs(cfg, a.n)
+    docs = held_out_docs(cfg, a.n, a.split, a.shards)
     steps = [int(x) for x in a.steps.split(",")]
     res = run_eval(model, cfg, text_tok, image_tok, special, docs, steps, cfg_scale=a.cfg_scale, batch=a.batch,
                    seed=a.seed, out=out, sampler=a.sampler)

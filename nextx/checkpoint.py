@@ -257,11 +257,16 @@ def read_state_dict(d: Path, cfg: Config, *, ema: bool = False) -> dict:
 def load_run_config(path: Path) -> Config:
     """A run's saved config.yaml -> Config, reading fields added since the run was saved as the values the run
     actually used: a config without `model.rope2d_freqs` was written before that option existed, when the 2D RoPE
-    pairs turned at the shared 1D ladder."""
+    pairs turned at the shared 1D ladder; one without `objective.null_prompt`, when the null prompt was the
+    caption's ids replaced by <pad> in place."""
     import yaml
 
     raw = yaml.safe_load(Path(path).read_text()) or {}
-    legacy = ["model.rope2d_freqs=shared"] if "rope2d_freqs" not in (raw.get("model") or {}) else []
+    legacy = []
+    if "rope2d_freqs" not in (raw.get("model") or {}):
+        legacy.append("model.rope2d_freqs=shared")
+    if "null_prompt" not in (raw.get("objective") or {}):
+        legacy.append("objective.null_prompt=pad")
     return load_config(path, legacy)
 
 

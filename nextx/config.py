@@ -137,7 +137,9 @@ class ObjectiveConfig:
     a: float = 1.0               # weight w(s,t) exponent of alpha_t
     b: float = 4.0               # weight w(s,t) sigmoid shift
     time_sampling: Literal["uniform", "lognormal"] = "uniform"  # paper: t ~ U(eps,T), s|t ~ U(eps,t)
-    cfg_drop: float = 0.1        # probability of replacing a document's text condition by the empty prompt
+    cfg_drop: float = 0.1        # probability of replacing a document's text condition by the null prompt
+    null_prompt: Literal["hidden", "pad"] = "hidden"  # the null prompt (`objective.null_prompt`): "hidden" takes
+    #   the caption out of the sequence, so its length cannot leak the count; "pad" replaces its ids by <pad> in place
 
     def check(self, p: str = "objective") -> None:
         _require(0.0 <= self.eps < self.T < 1.0, f"{p}.eps/T", f"need 0 <= eps < T < 1, got eps={self.eps}, T={self.T}")

@@ -13,8 +13,8 @@ Samplers (IMM.md §6), all on x of shape (B, N, C) with ε ~ N(0, σ_d²):
   pushforward   x ← f(x; s = t_{i+1}, t = t_i) = x − (t_i − t_{i+1})·σ_d·G
   restart       x̂ = f(x; s = ε, t = t_i); x ← α_{t_{i+1}} x̂ + σ_{t_{i+1}} ε'
   euler         the flow baseline: the same update as pushforward, but the model sees s = t (as in training)
-Classifier-free guidance: G = G_u + w·(G_c − G_u), the unconditional rows use `objective.empty_prompt` (same
-layout and positions as the conditional ones), and both run in one batched forward per step.
+Classifier-free guidance: G = G_u + w·(G_c − G_u), the unconditional rows are the conditional ones through
+`sequence.apply_null_prompt` (the training-time CFG dropout), and both run in one batched forward per step.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import torch
 
 from nextx import imm
 from nextx.masks import dense_mask
-from nextx.objective import empty_prompt
-from nextx.sequence import NOISE, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
+from nextx.sequence import (NOISE, TEXT, ImageTokens, SpecialIds, apply_null_prompt, collate, layout_document,
+                            pack_row)
 
-SAMPLERS = ("pushforward", "restart", "euler")
+SAMPLERS = imm.SAMPLERS
 
 
 def _rows(layouts, pad_id: int):
@@ -48,10 +48,11 @@ def _forward(model, b, latents, t, s):
 def t2i_reference(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: tuple[int, int],
                   latent_dim: int, steps: int, sampler: str = "pushforward", cfg_scale: float = 1.0,
                   sigma_d: float = 0.5, T: float = 0.994, eps: float = 0.0, schedule: str = "uniform",
-                  generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+                  generator: torch.Generator | None = None, device=None, null_prompt: str = "hidden") -> torch.Tensor:
     """Text-to-image by full recomputation. prompts: B lists of text ids -> latents (B, N, C) float32, N = h*w.
 
-    cfg_scale 1 runs no unconditional rows; the noise is drawn on CPU from `generator` (same seed, same output)."""
+    cfg_scale 1 runs no unconditional rows; the noise is drawn on CPU from `generator` (same seed, same output);
+    null_prompt: the unconditional rows' mode (`sequence.apply_null_prompt`)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if steps < 1:
@@ -63,14 +64,15 @@ def t2i_reference(model, prompts: Sequence[Sequence[int]], special: SpecialIds, 
     B = len(prompts)
     guided = cfg_scale != 1.0
     if guided:
-        b = _cat(b, replace(b, ids=empty_prompt(b.ids, b.kind, special)))  # rows: [conditional; unconditional]
+        ids, kind, doc, pos, _ = apply_null_prompt(b.ids, b.kind, b.doc, b.pos, b.doc >= 0, special, null_prompt)
+        b = _cat(b, replace(b, ids=ids, kind=kind, doc=doc, pos=pos))  # rows: [conditional; unconditional]
     noise_tok = b.kind == NOISE                                                      # (B', L)
     x = torch.randn((B, N, latent_dim), generator=generator, dtype=torch.float64) * sigma_d
     x = x.to(b.ids.device)
     ts = imm.sampling_times(steps, T=T, eps=eps, schedule=schedule)                  # (steps+1,) float64
     for i in range(steps):
         t_i, t_next = float(ts[i]), float(ts[i + 1])
-        s_model = t_i if sampler == "euler" else (eps if sampler == "restart" else t_next)
+        s_model = imm.sampler_s(sampler, t_i, t_next, eps)
         lat = b.latents.clone()
         xx = torch.cat([x, x]) if guided else x
         lat[noise_tok] = xx.float().reshape(-1, latent_dim)
@@ -80,15 +82,10 @@ def t2i_reference(model, prompts: Sequence[Sequence[int]], special: SpecialIds, 
         G = _forward(model, b, lat, t, s).latent_out[noise_tok].reshape(-1, N, latent_dim).double()
         if guided:
             G = G[B:] + cfg_scale * (G[:B] - G[B:])
-        if sampler == "restart":
-            x_hat = x - (t_i - eps) * sigma_d * G
-            if i + 1 < steps:
-                e = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device) * sigma_d
-                x = (1 - t_next) * x_hat + t_next * e
-            else:
-                x = x_hat
-        else:
-            x = x - (t_i - t_next) * sigma_d * G
+        e = None
+        if sampler == "restart" and i + 1 < steps:
+            e = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device) * sigma_d
+        x = imm.sampler_step(sampler, x, G, t_i, t_next, eps=eps, sigma_d=sigma_d, noise=e)
     return x.float()
 
 

@@ -308,3 +308,30 @@ def restart_noise(x_hat: torch.Tensor, t_next: Time, noise: torch.Tensor) -> tor
 
     x_hat, noise (n, ...) (noise has std sigma_d); t_next (n,) or scalar. Same as `interpolate`."""
     return interpolate(x_hat, noise, t_next)
+
+
+SAMPLERS = ("pushforward", "restart", "euler")
+
+
+def sampler_s(sampler: str, t_i: float, t_next: float, eps: float = 0.0) -> float:
+    """The s the model is given on the step from t_i to t_next: t_next (pushforward, [P] Alg. 2), eps (restart:
+    jump to the clean estimate, Alg. 3), t_i (euler: the flow baseline sees s = t, as in its training)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    return t_i if sampler == "euler" else (eps if sampler == "restart" else t_next)
+
+
+def sampler_step(sampler: str, x: torch.Tensor, G: torch.Tensor, t_i: float, t_next: float, *, eps: float = 0.0,
+                 sigma_d: float = SIGMA_D, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One step of a sampler from t_i to t_next, given the model's G at (x, s = `sampler_s(...)`, t_i). x, G (n, ...).
+
+    pushforward, euler   x <- `pushforward_step(x, G, t_i, t_next)` = x - (t_i - t_next) sigma_d G
+    restart              x_hat = `euler_fm(x, G, eps, t_i)`; then `restart_noise(x_hat, t_next, noise)`, or x_hat
+                         itself when noise is None (the last step, t_next = eps)
+    Float64 in gives float64 out (the samplers keep x in float64)."""
+    if sampler == "restart":
+        x_hat = euler_fm(x, G, eps, t_i, sigma_d)
+        return x_hat if noise is None else restart_noise(x_hat, t_next, noise)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    return pushforward_step(x, G, t_i, t_next, sigma_d)

@@ -57,18 +57,19 @@ class Generator:
     """Text-to-image, captioning and interleaved generation with one model (see the module docstring).
 
     model: a NextX in eval mode; text_tok / image_tok: the run's tokenizers; special: their SpecialIds (from
-    text_tok when None); sigma_d, T, eps: the objective's; sampler, steps, cfg_scale: the defaults of the image
-    sampler."""
+    text_tok when None); sigma_d, T, eps, null_prompt: the objective's; sampler, steps, cfg_scale: the defaults of
+    the image sampler."""
 
     def __init__(self, model, text_tok, image_tok, special: SpecialIds | None = None, device=None, *,
                  sigma_d: float = 0.5, T: float = 0.994, eps: float = 0.0, sampler: str = "pushforward",
-                 steps: int = 4, cfg_scale: float = 1.0):
+                 steps: int = 4, cfg_scale: float = 1.0, null_prompt: str = "hidden"):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.text_tok, self.image_tok = text_tok, image_tok.to(self.device)
         self.special = special or SpecialIds.from_tokenizer(text_tok)
         self.sigma_d, self.T, self.eps = sigma_d, T, eps
         self.sampler, self.steps, self.cfg_scale = sampler, steps, cfg_scale
+        self.null_prompt = null_prompt
 
     @classmethod
     def load(cls, run, device="cpu", *, ema: bool = False) -> "Generator":
@@ -81,11 +82,11 @@ class Generator:
         flow = o.kind == "flow"
         return cls(model, text_tok, image_tok, special, device, sigma_d=o.sigma_d, T=o.T, eps=o.eps,
                    sampler="euler" if flow else "pushforward", steps=50 if flow else 4,
-                   cfg_scale=1.5 if o.cfg_drop > 0 else 1.0)
+                   cfg_scale=1.5 if o.cfg_drop > 0 else 1.0, null_prompt=o.null_prompt)
 
     def _image_kw(self, steps, cfg_scale, sampler, schedule) -> dict:
         return dict(steps=steps or self.steps, sampler=sampler or self.sampler, schedule=schedule,
-                    sigma_d=self.sigma_d, T=self.T, eps=self.eps,
+                    sigma_d=self.sigma_d, T=self.T, eps=self.eps, null_prompt=self.null_prompt,
                     cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale)
 
     def to_pixels(self, images) -> torch.Tensor:

@@ -5,9 +5,8 @@ maps a batch to `(text_logits, latent_out)`.
 
 IMM, step by step (legend: B rows, L tokens, C latent channels, N tokens of one image, M particles per group):
   1. CFG dropout: with probability `cfg_drop` a document holding a generated image loses its text condition: its
-     text tokens (not the layout specials) become `<pad>` with the same layout and positions, and its text
-     targets are ignored. At sampling, the unconditional prompt is built the same way (`empty_prompt`), so it has
-     the conditional prompt's length and positions and both run in one batched forward.
+     text tokens (not the layout specials) leave the sequence (`sequence.apply_null_prompt`; `objective.null_prompt:
+     hidden`), and its text targets are ignored. At sampling, the unconditional rows are built by the same function.
   2. Times: generated images (those with a noise split) in batch order form groups of M consecutive images that
      share (s, r, t) (IMM.md §4 "(b m)" layout); t, s ~ `imm.sample_t_s`, r = `imm.r_of(s, t)`.
   3. One ε ~ N(0, σ_d²) per noise token; x_t = α_t x + σ_t ε and x_r = α_r x + σ_r ε (same ε, IMM.md §1).
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from nextx import imm
 from nextx.config import ObjectiveConfig
 from nextx.masks import block_mask, dense_mask
-from nextx.sequence import IGNORE, NOISE, TEXT, Batch, SpecialIds
+from nextx.sequence import IGNORE, NOISE, Batch, SpecialIds, apply_null_prompt
 
 
 def attention_mask(batch: Batch, backend: str, n_heads: int | None = None):
@@ -42,19 +41,13 @@ def attention_mask(batch: Batch, backend: str, n_heads: int | None = None):
     return dense_mask(batch.doc, batch.kind, batch.split)
 
 
-def empty_prompt(ids: torch.Tensor, kind: torch.Tensor, special: SpecialIds) -> torch.Tensor:
-    """(…, L) ids -> the same ids with every TEXT token that is not a layout special replaced by `<pad>`.
+def cfg_dropout(batch: Batch, p: float, special: SpecialIds, generator: torch.Generator | None,
+                mode: str = "hidden") -> tuple[Batch, int]:
+    """Drop the text condition of each document that holds a noise split with probability p
+    (`sequence.apply_null_prompt` in `mode`).
 
-    The unconditional ("empty") prompt of classifier-free guidance, with the conditional prompt's layout."""
-    specials = torch.tensor([special.bos, special.eos, special.boi, special.eoi], device=ids.device)
-    is_cond = (kind == TEXT) & ~torch.isin(ids, specials)
-    return torch.where(is_cond, torch.full_like(ids, special.pad), ids)
-
-
-def cfg_dropout(batch: Batch, p: float, special: SpecialIds, generator: torch.Generator | None) -> tuple[Batch, int]:
-    """Drop the text condition of each document that holds a noise split with probability p.
-
-    Returns the new batch (ids and targets replaced in dropped documents) and the number of dropped documents."""
+    Returns the new batch (ids, kind, doc, pos and targets replaced in dropped documents) and the number of dropped
+    documents."""
     if p <= 0:
         return batch, 0
     B = batch.ids.shape[0]
@@ -69,9 +62,9 @@ def cfg_dropout(batch: Batch, p: float, special: SpecialIds, generator: torch.Ge
     drop_doc = has_noise & (u < p)                                                   # (B, n_docs)
     doc = batch.doc.long().clamp(min=0)
     drop_tok = torch.gather(drop_doc, 1, doc) & (batch.doc >= 0)                     # (B, L)
-    ids = torch.where(drop_tok, empty_prompt(batch.ids, batch.kind, special), batch.ids)
+    ids, kind, doc, pos, _ = apply_null_prompt(batch.ids, batch.kind, batch.doc, batch.pos, drop_tok, special, mode)
     targets = torch.where(drop_tok, torch.full_like(batch.targets, IGNORE), batch.targets)
-    return replace(batch, ids=ids, targets=targets), int(drop_doc.sum())
+    return replace(batch, ids=ids, kind=kind, doc=doc, pos=pos, targets=targets), int(drop_doc.sum())
 
 
 def _image_times(batch: Batch, cfg: ObjectiveConfig, generator: torch.Generator | None, k: float):
@@ -121,6 +114,22 @@ def _per_token(x_img: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
                                                                                                    device=img.device))
 
 
+def _noised(x: torch.Tensor, eps: torch.Tensor, t_tok: torch.Tensor, noise_tok: torch.Tensor) -> torch.Tensor:
+    """(B, L, C) clean latents and noise, (B, L) per-token times -> `imm.interpolate` on the noise tokens (float32),
+    x elsewhere."""
+    C = x.shape[-1]
+    x_t = imm.interpolate(x.reshape(-1, C), eps.reshape(-1, C), t_tok.reshape(-1)).reshape(x.shape)
+    return torch.where(noise_tok.unsqueeze(-1), x_t, x)
+
+
+def _euler_fm(x_t: torch.Tensor, G: torch.Tensor, s_tok: torch.Tensor, t_tok: torch.Tensor, sigma_d: float):
+    """(B, L, C) inputs and model outputs, (B, L) per-token times -> `imm.euler_fm` f(x_t, s, t), float64."""
+    C = x_t.shape[-1]
+    y = imm.euler_fm(x_t.double().reshape(-1, C), G.double().reshape(-1, C), s_tok.reshape(-1), t_tok.reshape(-1),
+                     sigma_d)
+    return y.reshape(x_t.shape)
+
+
 def _forward(model, batch: Batch, latents: torch.Tensor, t: torch.Tensor, s: torch.Tensor, mask, text_mask):
     return model(batch.ids, batch.kind, batch.pos, batch.pos2d, latents, batch.img, t, s, mask, text_mask=text_mask)
 
@@ -148,7 +157,7 @@ def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds,
     step: the optimizer step, for the k curriculum (`imm.k_at`); None (validation) uses the final k.
     """
     device = batch.ids.device
-    batch, n_dropped = cfg_dropout(batch, cfg.cfg_drop, special, generator)
+    batch, n_dropped = cfg_dropout(batch, cfg.cfg_drop, special, generator, cfg.null_prompt)
     mask = attention_mask(batch, attention, n_heads)
     noise_tok = batch.kind == NOISE                                                   # (B, L)
     gen = batch.image_generate.nonzero(as_tuple=True)[0]
@@ -157,9 +166,8 @@ def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds,
 
     x = batch.latents                                                                 # (B, L, C)
     eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device) * cfg.sigma_d
-    t_tok = _per_token(t, batch.img).unsqueeze(-1)                                    # (B, L, 1) float64
-    a_t, s_t = imm.alpha_sigma(t_tok)
-    x_t = torch.where(noise_tok.unsqueeze(-1), (a_t * x.double() + s_t * eps.double()).float(), x)
+    t_tok = _per_token(t, batch.img)                                                  # (B, L) float64
+    x_t = _noised(x, eps, t_tok, noise_tok)
 
     text_mask = batch.targets != IGNORE
     out = _forward(model, batch, x_t, t.float().to(device), s.float().to(device), mask, text_mask)
@@ -175,14 +183,13 @@ def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds,
         parts[cfg.kind] = 0.0
     elif cfg.kind == "flow":
         G = out.latent_out.float()
-        v_target = (eps - x) / cfg.sigma_d                                            # velocity ε − x in G units
+        v_target = imm.flow_target(x, eps) / cfg.sigma_d                              # velocity ε − x in G units
         err = (G - v_target).pow(2).mean(-1)                                          # (B, L)
         per_img = _gather_images(err.unsqueeze(-1), noise_tok, batch.image_grid, gen).mean(dim=(1, 2))
         img_loss = per_img.mean()
         parts["flow"] = float(img_loss.detach())
     else:
-        s_tok = _per_token(s, batch.img).unsqueeze(-1)
-        y = x_t.double() - (t_tok - s_tok) * cfg.sigma_d * out.latent_out.double()   # f(x_t, s, t), (B, L, C)
+        y = _euler_fm(x_t, out.latent_out, _per_token(s, batch.img), t_tok, cfg.sigma_d)  # f(x_t, s, t), (B, L, C)
         y_target = _target_pass(model, batch, x, eps, r, s, mask, cfg)               # f(x_r, s, r), (B, L, C)
         yi = _gather_images(y, noise_tok, batch.image_grid, gen)                      # (n_gen, N, C)
         yt = _gather_images(y_target, noise_tok, batch.image_grid, gen)
@@ -219,10 +226,8 @@ def _target_pass(model, batch: Batch, x, eps, r, s, mask, cfg: ObjectiveConfig) 
     θ⁻ is the current weights (no EMA: IMM.md §4); fp32 without autocast (IMM.md §9: bf16 cannot tell r from t)."""
     noise_tok = batch.kind == NOISE
     rows = noise_tok.any(dim=1).nonzero(as_tuple=True)[0]
-    r_tok = _per_token(r, batch.img).unsqueeze(-1)
-    s_tok = _per_token(s, batch.img).unsqueeze(-1)
-    a_r, sg_r = imm.alpha_sigma(r_tok)
-    x_r = torch.where(noise_tok.unsqueeze(-1), (a_r * x.double() + sg_r * eps.double()).float(), x)
+    r_tok = _per_token(r, batch.img)                                                  # (B, L) float64
+    x_r = _noised(x, eps, r_tok, noise_tok)
     sub = _select_rows(batch, rows)
     sub_mask = mask[rows] if isinstance(mask, torch.Tensor) else attention_mask(sub, "flex", None)
     device_type = x.device.type
@@ -233,7 +238,7 @@ def _target_pass(model, batch: Batch, x, eps, r, s, mask, cfg: ObjectiveConfig) 
         model.train(was_training)
     G = torch.zeros_like(x, dtype=torch.float64)
     G[rows] = out.latent_out.double()
-    return x_r.double() - (r_tok - s_tok) * cfg.sigma_d * G
+    return _euler_fm(x_r, G, _per_token(s, batch.img), r_tok, cfg.sigma_d)
 
 
 def _select_rows(batch: Batch, rows: torch.Tensor) -> Batch:

@@ -33,8 +33,9 @@ i = 0..steps-1 only the image's noise split (N tokens at the image's 1D slot, 2D
 the cache read-only (use_cache=False), with the t-grid of `imm.sampling_times` and the pushforward / restart /
 euler updates of the reference. The noise split's mask is built once per image. Classifier-free guidance: with
 cfg_scale != 1 the cache holds 2B rows, [conditional; unconditional]; the unconditional rows receive the same
-chunks with `objective.empty_prompt` applied (text replaced by <pad>, layout, positions and clean images kept),
-which is the training-time CFG dropout of the whole document. Every chunk and every refinement step is ONE
+chunks through `sequence.apply_null_prompt` (the training-time CFG dropout of the whole document: with the default
+"hidden", the text leaves the sequence and later tokens move back, so the cache keeps the unconditional rows' own
+doc ids and position shift), clean images kept. Every chunk and every refinement step is ONE
 batched forward over both halves; G = G_u + w (G_c - G_u).
 
 Commit. The finished image enters the cache through one forward of its clean split followed by `<eoi>`
@@ -57,10 +58,10 @@ import torch
 
 from nextx import imm
 from nextx.masks import mask_mod
-from nextx.objective import empty_prompt
-from nextx.sequence import CLEAN, NOISE, PAD, TEXT, ImageTokens, SpecialIds, layout_document
+from nextx.sequence import (CLEAN, NOISE, NULL_PROMPTS, PAD, TEXT, ImageTokens, SpecialIds, apply_null_prompt,
+                            layout_document)
 
-SAMPLERS = ("pushforward", "restart", "euler")
+SAMPLERS = imm.SAMPLERS
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -84,7 +85,9 @@ class Cache:
     """KV cache of B prompts: `past` per layer (k, v) of shape (B', Hkv, L, hd), B' = 2B with guidance (rows
     [cond; uncond]); the layout of the B conditional rows (the unconditional rows share it): doc (B, L) int32
     (0 real, -1 pad), kind (B, L) int8, split (B, L) int32 (clean splits, ids unique in the cache); pos_next (B,)
-    the next 1D position of each row; pad_id the id on pads and image tokens; n_split the next free split id."""
+    the next 1D position of each row; pad_id the id on pads and image tokens; n_split the next free split id.
+    With guidance: null the null-prompt mode (`objective.null_prompt`), u_doc (B, L) the unconditional rows' doc
+    ids (-1 on hidden text) and u_shift (B,) how far their positions sit behind the conditional rows'."""
 
     past: list[KV] | None
     doc: torch.Tensor
@@ -94,11 +97,17 @@ class Cache:
     guided: bool
     pad_id: int
     n_split: int = 0
+    null: str = "hidden"
+    u_doc: torch.Tensor | None = None
+    u_shift: np.ndarray | None = None
 
     @classmethod
-    def empty(cls, B: int, guided: bool, pad_id: int, device) -> "Cache":
+    def empty(cls, B: int, guided: bool, pad_id: int, device, null: str = "hidden") -> "Cache":
+        if null not in NULL_PROMPTS:
+            raise ValueError(f"null_prompt must be one of {NULL_PROMPTS}, got {null!r}")
         z = torch.zeros(B, 0, dtype=torch.int32, device=device)
-        return cls(None, z, z.to(torch.int8), z.clone(), np.zeros(B, np.int64), guided, pad_id)
+        return cls(None, z, z.to(torch.int8), z.clone(), np.zeros(B, np.int64), guided, pad_id, null=null,
+                   u_doc=z.clone() if guided else None, u_shift=np.zeros(B, np.int64) if guided else None)
 
     @property
     def rows(self) -> int:
@@ -230,8 +239,14 @@ def _append(model, cache: Cache, pieces: Sequence[_Piece | None], special: Speci
         tm[rows.to(dev), torch.from_numpy(last[has.numpy()]).to(dev)] = True
     ids, kq, pos, pos2d, lat = t["ids"], t["kind"], t["pos"], t["pos2d"], t["lat"]
     if cache.guided:                                                              # rows [cond; uncond]
-        ids = torch.cat([ids, empty_prompt(ids, kq, special)])
-        kq, pos, pos2d, lat, mask = (torch.cat([v, v]) for v in (kq, pos, pos2d, lat, mask))
+        every = torch.ones_like(ids, dtype=torch.bool)
+        u_ids, u_kind, u_doc, u_pos, hidden = apply_null_prompt(ids, kq, t["doc"], pos, every, special, cache.null,
+                                                                torch.from_numpy(cache.u_shift))
+        cache.u_doc = torch.cat([cache.u_doc, u_doc], 1)
+        cache.u_shift = cache.u_shift + hidden.sum(1).cpu().numpy()
+        mask = torch.cat([mask, cached_mask(cache.u_doc, kind, split, Lq)])
+        ids, kq, pos = torch.cat([ids, u_ids]), torch.cat([kq, u_kind]), torch.cat([pos, u_pos])
+        pos2d, lat = (torch.cat([v, v]) for v in (pos2d, lat))
         tm = torch.cat([tm, torch.zeros_like(tm)])
     img = torch.full(ids.shape, -1, dtype=torch.int32, device=dev)
     none = torch.zeros(0, device=dev)
@@ -284,8 +299,10 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
     split = torch.cat([cache.split[lr], torch.full((R, N), cache.n_split, dtype=torch.int32, device=dev)], 1)
     mask = cached_mask(doc, kind, split, N)                                        # (R, 1, N, L + N), once per image
     pos = torch.from_numpy(cache.pos_next[list(rows)]).to(dev)[:, None].expand(R, N)
-    if guide:
-        mask, pos = torch.cat([mask, mask]), torch.cat([pos, pos])
+    if guide:                                                                      # the unconditional rows' layout
+        u_doc = torch.cat([cache.u_doc[lr], doc[:, -N:]], 1)
+        mask = torch.cat([mask, cached_mask(u_doc, kind, split, N)])
+        pos = torch.cat([pos, pos - torch.from_numpy(cache.u_shift[list(rows)]).to(dev)[:, None]])
     pos2d = torch.from_numpy(_grid_rc(grid)).to(dev).expand(R2, N, 2)
     ids = torch.full((R2, N), cache.pad_id, dtype=torch.int64, device=dev)
     kq = torch.full((R2, N), NOISE, dtype=torch.int8, device=dev)
@@ -297,22 +314,17 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
     ts = imm.sampling_times(steps, T=T, eps=eps, schedule=schedule)               # (steps + 1,) float64
     for i in range(steps):
         t_i, t_next = float(ts[i]), float(ts[i + 1])
-        s_model = t_i if sampler == "euler" else (eps if sampler == "restart" else t_next)
+        s_model = imm.sampler_s(sampler, t_i, t_next, eps)
         xx = torch.cat([x, x]) if guide else x
         t = torch.full((R2,), t_i, device=dev)
         s = torch.full((R2,), s_model, device=dev)
         G = model(ids, kq, pos, pos2d, xx.float(), img, t, s, mask, past=past, text_mask=no_text).latent_out.double()
         if guide:
             G = G[R:] + cfg_scale * (G[:R] - G[R:])                                # G_u + w (G_c - G_u)
-        if sampler == "restart":
-            x_hat = x - (t_i - eps) * sigma_d * G                                  # f(x; s = eps, t = t_i)
-            if i + 1 < steps:
-                e = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(dev) * sigma_d
-                x = (1 - t_next) * x_hat + t_next * e                              # alpha x_hat + sigma e'
-            else:
-                x = x_hat
-        else:
-            x = x - (t_i - t_next) * sigma_d * G                                   # f(x; s = t_next, t = t_i)
+        e = None
+        if sampler == "restart" and i + 1 < steps:                                 # re-noise with fresh e'
+            e = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(dev) * sigma_d
+        x = imm.sampler_step(sampler, x, G, t_i, t_next, eps=eps, sigma_d=sigma_d, noise=e)
     return x.float(), x0
 
 
@@ -377,7 +389,7 @@ def _on_sdpa(fn):
 def t2i(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: tuple[int, int], latent_dim: int,
         steps: int, sampler: str = "pushforward", cfg_scale: float = 1.0, sigma_d: float = imm.SIGMA_D,
         T: float = imm.T_MAX, eps: float = 0.0, schedule: str = "uniform", generator: torch.Generator | None = None,
-        device=None) -> torch.Tensor:
+        device=None, null_prompt: str = "hidden") -> torch.Tensor:
     """Text-to-image, cached. prompts: B lists of text ids (no <bos>) -> latents (B, N, C) float32.
 
     Same arguments and numbers as `generate.t2i_reference`: prefill `<bos> prompt <boi>` for all rows in one
@@ -385,7 +397,7 @@ def t2i(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: t
     _check_sampler(sampler, steps)
     if latent_dim != model.latent_dim:
         raise ValueError(f"latent_dim={latent_dim} but the model has {model.latent_dim}")
-    cache = Cache.empty(len(prompts), cfg_scale != 1.0, special.pad, _device(model, device))
+    cache = Cache.empty(len(prompts), cfg_scale != 1.0, special.pad, _device(model, device), null_prompt)
     _append(model, cache, [prompt_piece([list(p)], special, open_image=True) for p in prompts], special, left=True,
             want_logits=False)
     x, _ = refine(model, cache, list(range(len(prompts))), grid, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
@@ -418,7 +430,7 @@ def generate(model, prompts: Sequence[Sequence], special: SpecialIds, *, grid: t
              max_images: int | None = None, draw_images: bool = True, steps: int = 4, sampler: str = "pushforward",
              cfg_scale: float = 1.0, sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX, eps: float = 0.0,
              schedule: str = "uniform", generator: torch.Generator | None = None, device=None,
-             trace: dict | None = None, progress: bool = False) -> list[list]:
+             trace: dict | None = None, progress: bool = False, null_prompt: str = "hidden") -> list[list]:
     """Interleaved generation: the outer loop over text tokens and images (module docstring).
 
     prompts: B lists of segments (lists of text ids, ImageTokens as context). Returns, per row, the NEW segments in
@@ -429,13 +441,14 @@ def generate(model, prompts: Sequence[Sequence], special: SpecialIds, *, grid: t
     one sequence of indices per row. max_images: per row; then `<boi>` is suppressed. draw_images=False: `<boi>` is
     an ordinary token (no image). suppress: ids never sampled.
     trace: a dict to fill with per row "logits" (the (V,) logits of every sampled token) and "noise" (each image's
-    initial noise (N, C) float64), for tests and debugging.
+    initial noise (N, C) float64), for tests and debugging. null_prompt: the unconditional rows of guidance
+    (`objective.null_prompt` of the run: "hidden", or "pad" for runs trained before it existed).
     """
     _check_sampler(sampler, steps)
     dev = _device(model, device)
     B = len(prompts)
     stop_ids = {special.eos} if stop is None else {int(t) for t in stop}
-    cache = Cache.empty(B, draw_images and cfg_scale != 1.0, special.pad, dev)
+    cache = Cache.empty(B, draw_images and cfg_scale != 1.0, special.pad, dev, null_prompt)
     logits = _append(model, cache, [prompt_piece(p, special) for p in prompts], special, left=True)
     out: list[list] = [[] for _ in range(B)]
     n_tok, n_img = np.zeros(B, np.int64), np.zeros(B, np.int64)

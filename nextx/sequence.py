@@ -302,6 +302,51 @@ class Batch:
                 "pad": int((k == PAD).sum()), "total": int(k.numel())}
 
 
+NULL_PROMPTS = ("hidden", "pad")
+
+
+def apply_null_prompt(ids: torch.Tensor, kind: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor,
+                      drop: torch.Tensor, special: SpecialIds, mode: str = "hidden",
+                      offset: torch.Tensor | None = None):
+    """The unconditional ("null") prompt of classifier-free guidance, on the tokens where `drop` is True.
+
+    (B, L) ids, kind, doc, pos; drop (B, L) bool, the tokens of the documents that lose their condition; offset
+    (B,) int64 or None: hidden tokens already before column 0 of each row (the sampler's cache, one document a row).
+    The condition is every TEXT token of a dropped document that is not a layout special (<bos> <eos> <boi> <eoi>).
+
+      hidden  the condition leaves the sequence: its tokens become pads (id <pad>, kind PAD, doc -1: no token sees
+              them) and every later token of the document moves back by the number of hidden tokens before it. The
+              null prompt of a caption->image document is then `<bos> <boi>` at positions 0, 1 whatever the caption,
+              so guidance can act on everything the caption says, its length (which gives away the count) included.
+      pad     the condition's ids become <pad> in place; kind, doc and positions are kept, so the null prompt has
+              the caption's length (runs saved before `objective.null_prompt` existed were trained this way).
+
+    Worked example (caption a b c, N = 2 noise tokens n; '.' = <pad>):
+        ids   <bos> a  b  c  <boi> n  n        hidden:  <bos> .  .  .  <boi> n  n
+        doc     0   0  0  0    0   0  0                   0   -1 -1 -1   0   0  0
+        pos     0   1  2  3    4   5  5                   0    1  2  3   1   2  2
+    Returns (ids, kind, doc, pos, hidden (B, L) bool: the tokens taken out of the sequence, none with "pad")."""
+    if mode not in NULL_PROMPTS:
+        raise ValueError(f"null prompt must be one of {NULL_PROMPTS}, got {mode!r}")
+    specials = torch.tensor([special.bos, special.eos, special.boi, special.eoi], device=ids.device)
+    hidden = drop & (kind == TEXT) & ~torch.isin(ids, specials)
+    ids = torch.where(hidden, torch.full_like(ids, special.pad), ids)
+    if mode == "pad":
+        return ids, kind, doc, pos, torch.zeros_like(hidden)
+    h = hidden.long()
+    d = doc.long().clamp(min=0)
+    per_doc = torch.zeros(h.shape[0], int(d.max()) + 1 if d.numel() else 1, dtype=torch.long, device=h.device)
+    per_doc.scatter_add_(1, d, h)                                                   # (B, n_docs) hidden per doc
+    earlier_docs = per_doc.cumsum(1) - per_doc                                      # hidden in earlier docs
+    shift = (h.cumsum(1) - h) - earlier_docs.gather(1, d)                          # hidden earlier in the doc
+    if offset is not None:
+        shift = shift + offset.to(shift.device)[:, None]
+    pos = torch.where(doc >= 0, pos - shift.to(pos.dtype), pos)
+    kind = torch.where(hidden, torch.full_like(kind, PAD), kind)
+    doc = torch.where(hidden, torch.full_like(doc, -1), doc)
+    return ids, kind, doc, pos, hidden
+
+
 def collate(rows: list[Row]) -> Batch:
     """Rows -> Batch; image indices become batch-global, latent tokens are scattered to their positions."""
     if not rows:

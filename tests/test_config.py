@@ -71,7 +71,7 @@ def test_bad_yaml_files(tmp_path):
         load_config(p)
 
 
-def test_run_config_saved_before_rope2d_freqs_keeps_the_shared_ladder(tmp_path):
+def test_run_config_saved_before_an_option_keeps_what_the_run_used(tmp_path):
     import yaml
 
     from nextx.checkpoint import load_run_config
@@ -79,9 +79,13 @@ def test_run_config_saved_before_rope2d_freqs_keeps_the_shared_ladder(tmp_path):
     new = tmp_path / "new.yaml"
     save_config(load_config(None, []), new)
     assert load_run_config(new).model.rope2d_freqs == "own"
+    assert load_run_config(new).objective.null_prompt == "hidden"
     tree = yaml.safe_load(new.read_text())
-    del tree["model"]["rope2d_freqs"]                       # a run saved before the option existed
+    del tree["model"]["rope2d_freqs"]                       # a run saved before the options existed
+    del tree["objective"]["null_prompt"]
     old = tmp_path / "old.yaml"
     old.write_text(yaml.safe_dump(tree))
     assert load_run_config(old).model.rope2d_freqs == "shared"
+    assert load_run_config(old).objective.null_prompt == "pad"
     assert load_config(old).model.rope2d_freqs == "own"    # a plain config file takes today's default
+    assert load_config(old).objective.null_prompt == "hidden"

@@ -14,8 +14,8 @@ from nextx.config import ModelConfig
 from nextx.generate import caption_reference, t2i_reference
 from nextx.masks import check_layout, dense_mask
 from nextx.model import NextX
-from nextx.objective import empty_prompt
-from nextx.sequence import CLEAN, NOISE, PAD, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
+from nextx.sequence import (CLEAN, NOISE, PAD, TEXT, ImageTokens, SpecialIds, apply_null_prompt, collate,
+                            layout_document, pack_row)
 
 SP = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
 V, C, GRID = 50, 6, (2, 3)            # a non-square grid catches row/col mix-ups
@@ -84,16 +84,33 @@ def test_cached_mask_is_the_last_rows_of_dense_mask():
 
 
 @pytest.mark.parametrize("sampler", sampling.SAMPLERS)
-@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+@pytest.mark.parametrize("cfg_scale,null", [(1.0, "hidden"), (2.0, "hidden"), (2.0, "pad")])
 @pytest.mark.parametrize("prompts", [[[5, 6, 7]], MIXED], ids=["b1", "mixed"])
-def test_t2i_cached_equals_reference(model, sampler, cfg_scale, prompts):
-    kw = dict(grid=GRID, latent_dim=C, steps=3, sampler=sampler, cfg_scale=cfg_scale)
+def test_t2i_cached_equals_reference(model, sampler, cfg_scale, null, prompts):
+    kw = dict(grid=GRID, latent_dim=C, steps=3, sampler=sampler, cfg_scale=cfg_scale, null_prompt=null)
     ref = t2i_reference(model, prompts, SP, generator=gen(1), **kw)
     out = sampling.t2i(model, prompts, SP, generator=gen(1), **kw)
     assert out.shape == (len(prompts), N, C) and ref.abs().max() > 0.1
     err = (out - ref).abs().max()
     _note(f"t2i latents ({'cfg' if cfg_scale != 1 else 'no cfg'}, {'B=1' if len(prompts) == 1 else 'mixed'})", err)
     assert err < TOL, err
+
+
+@pytest.mark.parametrize("sampler", ["pushforward", "euler"])
+def test_hidden_null_prompt_is_the_empty_caption(model, sampler):
+    """cfg_scale 0 samples the unconditional rows alone. With the hidden null prompt every caption, whatever its
+    length, gives the images of the empty caption `<bos> <boi>` (cached and reference alike); with "pad" the
+    caption's length shows through."""
+    prompts = [[5], [6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16]]
+    kw = dict(grid=GRID, latent_dim=C, steps=2, sampler=sampler)
+    empty = sampling.t2i(model, [[]] * 3, SP, generator=gen(4), **kw)
+    for fn in (sampling.t2i, t2i_reference):
+        hidden = fn(model, prompts, SP, generator=gen(4), cfg_scale=0.0, **kw)
+        assert (hidden - empty).abs().max() < TOL
+    pad = sampling.t2i(model, prompts, SP, generator=gen(4), cfg_scale=0.0, null_prompt="pad", **kw)
+    assert (pad - empty).abs().max() > 100 * TOL
+    with pytest.raises(ValueError, match="null_prompt"):
+        sampling.t2i(model, prompts, SP, cfg_scale=2.0, null_prompt="none", **kw)
 
 
 @pytest.mark.parametrize("kw", [dict(pos2d="sincos"), dict(pos2d="none"), dict(latent_conv=3),
@@ -153,11 +170,12 @@ def _ref_image(model, prefix, x0, *, steps, cfg_scale, T=0.994, sigma_d=0.5):
     """Pushforward by full recomputation after an arbitrary prefix (text and context images), from noise x0."""
     d = layout_document(prefix + [ImageTokens(np.zeros((N, C), np.float32), GRID, generate=True)], SP)
     b = collate([pack_row([d], len(d), SP.pad)])
-    ids, rows = b.ids, 1
+    ids, kind, pos, mask, rows = b.ids, b.kind, b.pos, dense_mask(b.doc, b.kind, b.split), 1
     if cfg_scale != 1:
-        ids, rows = torch.cat([b.ids, empty_prompt(b.ids, b.kind, SP)]), 2
+        u_ids, u_kind, u_doc, u_pos, _ = apply_null_prompt(b.ids, b.kind, b.doc, b.pos, b.doc >= 0, SP)
+        ids, kind, pos, rows = torch.cat([ids, u_ids]), torch.cat([kind, u_kind]), torch.cat([pos, u_pos]), 2
+        mask = torch.cat([mask, dense_mask(u_doc, u_kind, b.split)])
     rep = lambda v: torch.cat([v] * rows)                                                  # noqa: E731
-    mask = rep(dense_mask(b.doc, b.kind, b.split))
     noise = (b.kind == NOISE)[0]
     x = x0.clone()
     ts = torch.linspace(T, 0.0, steps + 1, dtype=torch.float64)
@@ -167,7 +185,7 @@ def _ref_image(model, prefix, x0, *, steps, cfg_scale, T=0.994, sigma_d=0.5):
         t = torch.full((rows * b.n_images,), float(ts[i]))
         s = torch.full((rows * b.n_images,), float(ts[i + 1]))
         img = torch.cat([b.img] + ([b.img + b.n_images] if rows == 2 else []))
-        G = model(ids, rep(b.kind), rep(b.pos), rep(b.pos2d), lat, img, t, s, mask).latent_out[:, noise].double()
+        G = model(ids, kind, pos, rep(b.pos2d), lat, img, t, s, mask).latent_out[:, noise].double()
         if rows == 2:
             G = G[1] + cfg_scale * (G[0] - G[1])
         else:

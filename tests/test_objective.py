@@ -8,8 +8,9 @@ from nextx import imm
 from nextx.config import ModelConfig, ObjectiveConfig
 from nextx.masks import dense_mask
 from nextx.model import NextX
-from nextx.objective import _image_times, cfg_dropout, compute_loss, empty_prompt, group_mean
-from nextx.sequence import IGNORE, NOISE, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
+from nextx.objective import _image_times, cfg_dropout, compute_loss, group_mean
+from nextx.sequence import (IGNORE, NOISE, PAD, TEXT, ImageTokens, SpecialIds, apply_null_prompt, collate,
+                            layout_document, pack_row)
 
 SP = SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
 C, GRID = 6, (2, 3)
@@ -40,10 +41,49 @@ def _model(seed=0):
     return m
 
 
-def test_empty_prompt_keeps_layout_specials():
-    ids = torch.tensor([[2, 9, 10, 4, 0, 0, 5, 11, 3]])
-    kind = torch.tensor([[TEXT, TEXT, TEXT, TEXT, NOISE, NOISE, TEXT, TEXT, TEXT]])
-    assert empty_prompt(ids, kind, SP).tolist() == [[2, 0, 0, 4, 0, 0, 5, 0, 3]]
+def test_null_prompt_worked_example():
+    """The docstring's example by hand: <bos> a b c <boi> n n, then a second document <bos> d <boi> n in the row."""
+    P = SP.pad
+    ids = torch.tensor([[2, 9, 10, 11, 4, P, P, 2, 12, 4, P]])
+    kind = torch.tensor([[TEXT] * 5 + [NOISE] * 2 + [TEXT] * 3 + [NOISE]])
+    doc = torch.tensor([[0] * 7 + [1] * 4])
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 5, 0, 1, 2, 3]])
+    every = torch.ones_like(ids, dtype=torch.bool)
+    i, k, d, p, h = apply_null_prompt(ids, kind, doc, pos, every, SP)
+    assert i.tolist() == [[2, P, P, P, 4, P, P, 2, P, 4, P]]
+    assert k.tolist() == [[TEXT, PAD, PAD, PAD, TEXT, NOISE, NOISE, TEXT, PAD, TEXT, NOISE]]
+    assert d.tolist() == [[0, -1, -1, -1, 0, 0, 0, 1, -1, 1, 1]]
+    vis = d[0] >= 0
+    assert p[0][vis].tolist() == [0, 1, 2, 2, 0, 1, 2]          # each document restarts its count
+    assert h.sum() == 4
+    # only the first document dropped: the second is untouched
+    first = doc == 0
+    i, k, d, p, _ = apply_null_prompt(ids, kind, doc, pos, first, SP)
+    assert torch.equal(i[~first], ids[~first]) and torch.equal(p[~first], pos[~first]) and torch.equal(d[~first], doc[~first])
+    # the sampler's offset: two tokens were hidden before this chunk
+    _, _, _, p, _ = apply_null_prompt(ids[:, :7], kind[:, :7], doc[:, :7], pos[:, :7] + 4, every[:, :7], SP,
+                                      offset=torch.tensor([4]))
+    assert p[0][[0, 4, 5, 6]].tolist() == [0, 1, 2, 2]
+    # "pad": ids only, the layout and positions kept (the caption's length shows)
+    i, k, d, p, _ = apply_null_prompt(ids, kind, doc, pos, every, SP, "pad")
+    assert i.tolist() == [[2, P, P, P, 4, P, P, 2, P, 4, P]]
+    assert torch.equal(k, kind) and torch.equal(d, doc) and torch.equal(p, pos)
+    with pytest.raises(ValueError, match="null prompt"):
+        apply_null_prompt(ids, kind, doc, pos, every, SP, "zeros")
+
+
+@pytest.mark.parametrize("caption", [[9], [9, 10, 11, 12, 13, 14]])
+def test_null_prompt_is_the_layout_without_the_caption(caption):
+    """Independent reference: a dropped caption->image document's visible tokens are exactly the layout of the same
+    document written with no caption at all."""
+    img = ImageTokens(np.zeros((4, 3), np.float32), (2, 2))
+    with_caption = collate([pack_row([layout_document([caption, img], SP)], 16, SP.pad)])
+    bare = layout_document([img], SP)
+    b = with_caption
+    i, k, d, p, _ = apply_null_prompt(b.ids, b.kind, b.doc, b.pos, b.doc >= 0, SP)
+    vis = d[0] >= 0
+    assert i[0][vis].tolist() == bare.ids.tolist() and k[0][vis].tolist() == bare.kind.tolist()
+    assert p[0][vis].tolist() == bare.pos.tolist()
 
 
 def test_cfg_dropout_p1_drops_exactly_the_documents_with_noise():
@@ -54,10 +94,14 @@ def test_cfg_dropout_p1_drops_exactly_the_documents_with_noise():
             at = b.doc[r] == doc
             has_noise = bool((b.kind[r][at] == NOISE).any())
             if has_noise:
-                assert torch.equal(d.ids[r][at], empty_prompt(b.ids[r][at], b.kind[r][at], SP))
+                ref = apply_null_prompt(b.ids[r:r + 1, at], b.kind[r:r + 1, at], b.doc[r:r + 1, at] * 0,
+                                        b.pos[r:r + 1, at], torch.ones(1, int(at.sum()), dtype=torch.bool), SP)
+                assert torch.equal(d.ids[r][at], ref[0][0]) and torch.equal(d.pos[r][at], ref[3][0])
+                assert torch.equal(d.doc[r][at] >= 0, ref[2][0] >= 0)
                 assert (d.targets[r][at] == IGNORE).all()
             else:
-                assert torch.equal(d.ids[r][at], b.ids[r][at]) and torch.equal(d.targets[r][at], b.targets[r][at])
+                for f in ("ids", "targets", "kind", "doc", "pos"):
+                    assert torch.equal(getattr(d, f)[r][at], getattr(b, f)[r][at])
     assert n == sum(int(((b.doc[r] == k) & (b.kind[r] == NOISE)).any())
                     for r in range(b.ids.shape[0]) for k in range(int(b.doc[r].max()) + 1))
     same, n0 = cfg_dropout(b, 0.0, SP, None)
