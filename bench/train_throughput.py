@@ -236,7 +236,7 @@ def bench_data(config: str, overrides: list[str], a) -> list[dict]:
     from nextx.latents import load_image_tokenizer
     from nextx.objective import compute_loss
     from nextx.tokenizer import load_tokenizer
-    from nextx.train import build_model
+    from nextx.pretrained import build_model
 
     cfg = load_config(config, overrides + ["dist.engine=plain", "dist.zero_stage=0"])
     if cfg.train.threads:

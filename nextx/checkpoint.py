@@ -278,7 +278,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", *, 
     from nextx.latents import load_image_tokenizer
     from nextx.sequence import SpecialIds
     from nextx.tokenizer import load_tokenizer
-    from nextx.train import build_model
+    from nextx.pretrained import build_model
 
     d = resolve(path)
     cfg = load_run_config(d / "config.yaml")

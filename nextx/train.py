@@ -38,6 +38,7 @@ from nextx.config import Config, ConfigError, load_config, save_config, to_dict
 from nextx.data import build_loader
 from nextx.engine import build_engine, init_distributed
 from nextx.objective import compute_loss
+from nextx.pretrained import build_model
 from nextx.sequence import NOISE, PAD, SpecialIds
 
 # Dense bf16 tensor-core peaks per device, TFLOP/s (vendor datasheets; the "PCIe" entries are checked first).
@@ -55,22 +56,6 @@ def print0(*a, **k):
 
 def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def build_model(cfg: Config, text_tok, image_tok):
-    """The model for this config: fresh, or text path initialised from a local HF Llama (model.hf_init)."""
-    from nextx.model import NextX, load_hf_llama
-
-    vocab = cfg.model.vocab_size or text_tok.vocab_size
-    if vocab < text_tok.vocab_size:
-        raise ConfigError(f"model.vocab_size: {vocab} is smaller than the text tokenizer's {text_tok.vocab_size}")
-    if cfg.model.hf_init:
-        hf_vocab = json.loads((Path(cfg.model.hf_init) / "config.json").read_text()).get("vocab_size", 0)
-        return load_hf_llama(cfg.model.hf_init, vocab_size=max(vocab, hf_vocab), latent_dim=image_tok.token_dim,
-                             pos2d=cfg.model.pos2d, time_freq_dim=cfg.model.time_freq_dim,
-                             attention=cfg.model.attention,
-                             activation_checkpointing=cfg.model.activation_checkpointing)
-    return NextX(cfg.model, vocab_size=vocab, latent_dim=image_tok.token_dim)
 
 
 def seed_all(seed: int) -> None:

@@ -331,8 +331,8 @@ def run_dir(tmp_path_factory):
 
     from nextx.config import load_config, save_config
     from nextx.latents import PixelTokenizer, load_image_tokenizer
+    from nextx.pretrained import build_model
     from nextx.tokenizer import train_sentencepiece
-    from nextx.train import build_model
 
     root = tmp_path_factory.mktemp("run")
     texts = [f"a {c} {s} at the {w}" for c in ("red", "green", "blue") for s in ("circle", "square", "star")
@@ -355,6 +355,31 @@ def run_dir(tmp_path_factory):
     for i, im in enumerate(to_pil(px[:2])):
         im.save(root / f"in{i}.png")
     return root
+
+
+TRAINING_MODULES = ("nextx.train", "nextx.objective", "nextx.data", "nextx.engine", "deepspeed", "webdataset")
+
+
+def test_inference_imports_nothing_from_training(run_dir):
+    """Layering: loading a run and drawing / captioning with it, in a fresh interpreter, never imports the trainer,
+    the objective, the data pipeline, the engine, deepspeed or webdataset."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from nextx.infer import Generator
+g = Generator.load({str(run_dir / "r")!r})
+g.t2i(["a red circle"], steps=2, cfg_scale=2.0)
+from PIL import Image
+g.caption([Image.open({str(run_dir / "in0.png")!r})], max_new_tokens=3)
+print(sorted(m for m in sys.modules if m.split(".")[0] in {{"deepspeed", "webdataset"}}
+             or m in {TRAINING_MODULES!r}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
 def test_api_t2i_caption_generate(run_dir):
