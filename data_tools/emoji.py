@@ -1,4 +1,4 @@
-"""Noto Color Emoji renders captioned with their CLDR names -> shards (DATA.md §1 #1, §3 "Emoji-32").
+"""Noto Color Emoji renders captioned with their CLDR names -> shards.
 
     nextx data emoji --out data/emoji64 --size 64            (same as: python -m data_tools.emoji ...)
 

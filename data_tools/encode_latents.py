@@ -1,4 +1,4 @@
-"""Pre-encode image latents into a copy of a shard directory (ARCHITECTURE §7, STYLE §6; MAR's main_cache).
+"""Pre-encode image latents into a copy of a shard directory (docs/design.md §7, STYLE §6; MAR's main_cache).
 
     nextx data encode --shards data/emoji64 --split all --tokenizer data/tok/ae32 --out data/emoji64_ae32
 

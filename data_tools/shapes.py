@@ -1,4 +1,4 @@
-"""Procedural "shapes" scenes with exact captions (DATA.md §4): world model, caption grammar, renderer, shard job.
+"""Procedural "shapes" scenes with exact captions (docs/design.md §8): world model, caption grammar, renderer, shard job.
 
 This is the grammar module shared by the generator and the exact scorer (`evals/shapes_score.py`).
 
@@ -25,7 +25,7 @@ Caption language. It is regular and is exactly the image of `format_caption`:
     NP  -> ART SIZE? COLOR SHAPE (in the POS)?        ART: "an" before a vowel ("an orange star"), else "a"
     REL -> to the left of | to the right of | above | below
     POS -> top left | top middle | top right | middle left | center | middle right | bottom left | ...
-Extensions to DATA.md: "NP, NP and NP" names all three objects of a 3-object scene; the article agrees with the
+Beyond the basic grammar: "NP, NP and NP" names all three objects of a 3-object scene; the article agrees with the
 next word. Lower case, no final period. The generator names every object exactly once, size and position each
 with p = 0.5, and REL captions carry no positions. So a caption asserts these atomic facts (`caption_facts`):
     ("count", n)        the scene has exactly n objects (the number of NPs)

@@ -1,8 +1,8 @@
-"""Exact, GenEval-style scoring on the procedural shapes world (DATA.md §4), and the scorer's self-check job.
+"""Exact, GenEval-style scoring on the procedural shapes world (docs/design.md §8), and the scorer's self-check job.
 
 Detection (`detect`: image -> objects, each with colour, shape, size, cell and centroid):
 1. Background = the per-channel median pixel. Objects cover under 30 % of a canvas, so the median is the grey.
-2. Un-mixing replaces DATA.md's "nearest palette colour in Lab". With the background b, every antialiased edge
+2. Un-mixing replaces a "nearest palette colour in Lab" rule. With the background b, every antialiased edge
    pixel is p = alpha * c + (1 - alpha) * b. For each palette colour c, alpha_c is the projection of p - b on
    c - b, and the residual is the distance to that mixing line. The label is the colour with the least residual.
    A pure pixel (alpha = 1) gets the nearest palette colour. An edge pixel keeps its true colour, where nearest

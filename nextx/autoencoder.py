@@ -1,4 +1,4 @@
-"""A small convolutional KL autoencoder: the project's learned image tokenizer (ARCHITECTURE §7).
+"""A small convolutional KL autoencoder: the project's learned image tokenizer (docs/design.md §7).
 
     x (B, 3, H, W) in [0, 1] --encoder--> mean, logvar (B, C, H/f, W/f) --z ~ q(z|x)--> decoder --> x_hat (B, 3, H, W)
 
@@ -6,7 +6,7 @@ Choices
 - The "first stage" of latent diffusion (Rombach et al. 2022, §3) cut down to what trains on 2 CPU cores in
   minutes at 32-64 px: a conv stem, per level `n_res` ResBlocks (GroupNorm, SiLU, 3x3 conv, twice, plus the
   skip) and a stride-2 3x3 conv down; the decoder mirrors it with nearest upsampling + 3x3 conv. No attention,
-  no GAN and no LPIPS (LPIPS needs downloaded VGG weights; ARCHITECTURE §7 allows local weights only).
+  no GAN and no LPIPS (LPIPS needs downloaded VGG weights; docs/design.md §7 allows local weights only).
 - Pixels enter as 2x - 1 (zero-centred). The decoder has no squashing output layer: `decode` returns pixel
   values that may leave [0, 1] during training (the loss sees them unclamped, so saturated white or black
   backgrounds still get gradients, which a sigmoid would flatten); the tokenizer clamps (nextx.latents).
@@ -14,7 +14,7 @@ Choices
   is a mean over latent elements. The KL is a light regulariser: it keeps the posterior noisy (so the decoder
   tolerates small latent errors, which the IMM sampler will make) and the latent scale bounded. Its scale does
   not matter downstream: the tokenizer normalises latents by measured per-channel mean/std.
-- `ae_loss` owns the one random draw (the posterior sample), as the objectives do (STYLE §2).
+- `ae_loss` owns the one random draw (the posterior sample), as the objectives do.
 """
 
 from __future__ import annotations

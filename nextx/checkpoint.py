@@ -1,6 +1,6 @@
 """Checkpoints and exports: `checkpoints/step_N/` + a `latest` pointer, never left pointing at a partial save.
 
-Layout of a run directory (STYLE §20):
+Layout of a run directory:
 
     runs/<name>/config.yaml                    the resolved config
     runs/<name>/metrics.jsonl                  one JSON line per log step (the same dict goes to TensorBoard, tb/)

@@ -1,4 +1,4 @@
-"""Typed configuration: nested dataclasses <- YAML <- dotlist overrides (STYLE §10-13).
+"""Typed configuration: nested dataclasses <- YAML <- dotlist overrides.
 
     cfg = load_config("configs/tiny.yaml", ["model.n_layers=2", "optim.lr=1e-3"])
 
@@ -48,7 +48,7 @@ class ModelConfig:
     rope_theta: float = 10000.0   # RoPE base of the 1D sequence positions
     norm_eps: float = 1e-5        # RMSNorm epsilon
     time_freq_dim: int = 256      # sinusoidal features of t and of t - s (fp32), each into its own MLP
-    pos2d: Literal["rope", "sincos", "rope+sincos", "none"] = "rope"  # 2D position inside an image (ARCHITECTURE §3)
+    pos2d: Literal["rope", "sincos", "rope+sincos", "none"] = "rope"  # 2D position inside an image (docs/design.md §3)
     rope2d_freqs: Literal["own", "shared"] = "own"  # row/col RoPE pairs: their own ladder 2^-j per axis (both axes
     #   alike, wavelengths 6.3 cells and up), or "shared": the 1D ladder's frequencies at those pairs (columns ~3x
     #   coarser than rows, about one useful pair per axis over an 8x8 grid; the layout before 2026-11-29)
@@ -122,13 +122,13 @@ class ObjectiveConfig:
     kind: Literal["imm", "flow"] = "imm"  # flow = flow-matching baseline on the same model
     text_weight: float = 1.0     # lambda_text on the per-target-normalised CE
     image_weight: float = 1.0    # lambda_image on the IMM (or flow) loss
-    sigma_d: float = 0.5         # data std of the latents (IMM.md §1)
+    sigma_d: float = 0.5         # data std of the latents (docs/imm.md §1)
     T: float = 0.994             # largest time (OT-FM): eta_max ~ 165.7
     eps: float = 0.0             # smallest time (0 for latents, 0.006 for pixels in the paper)
     k: int = 12                  # r(s,t): eta_r = eta_t - (eta_max - eta_min) / 2^k
     k_start: float = 0.0         # k curriculum: k rises linearly from k_start to k over k_ramp_steps (README)
     k_ramp_steps: int = 0        # 0 = fixed k (the paper)
-    min_gap: float = 1e-4        # r <= t - min_gap (IMM.md §2)
+    min_gap: float = 1e-4        # r <= t - min_gap (docs/imm.md §2)
     group_size: int = 4          # M: consecutive images sharing (s, r, t) (grouping=images)
     partial_group: Literal["equal", "size"] = "equal"  # weight of the last, smaller group of a batch (grouping=
     #   images): "equal" = like a full group (the reference's mean over groups), "size" = by its particle count

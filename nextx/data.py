@@ -1,6 +1,6 @@
-"""Streaming reading pipeline: WebDataset shards -> documents -> tokens -> packed rows -> Batch (ARCHITECTURE §8).
+"""Streaming reading pipeline: WebDataset shards -> documents -> tokens -> packed rows -> Batch (docs/design.md §8).
 
-Named stages over plain values, each testable alone (STYLE §6):
+Named stages over plain values, each testable alone:
 
     shard_order     which shards this reader (rank x worker) reads, epoch by epoch: a per-epoch shuffle shared by
                     all ranks, split by node and worker; with fewer shards than readers, every reader walks all
@@ -14,7 +14,7 @@ Named stages over plain values, each testable alone (STYLE §6):
 
 `build_loader(cfg.data, rank, world_size)` returns the DataLoader of Batches the trainer consumes.
 
-Read position (exact resume, ARCHITECTURE §8). Each reader restarts its state at every epoch: its rng is drawn from
+Read position (exact resume, docs/design.md §8). Each reader restarts its state at every epoch: its rng is drawn from
 (seed, reader, epoch), the shuffle buffer drains and the packer flushes at the epoch's end. So "reader r has
 yielded n rows of epoch e" pins the stream, and every batch carries `position = (reader index, e, n)` of its last
 row (`LoaderBatch`). The trainer keeps the newest position per reader of the batches it *consumed* (not the ones

@@ -1,4 +1,4 @@
-"""Documents and their on-disk form: one WebDataset sample = one document (ARCHITECTURE §8).
+"""Documents and their on-disk form: one WebDataset sample = one document (docs/design.md §8).
 
 A document is an ordered list of segments, each `Text` or `Image`. In a tar shard a document with key K is
 

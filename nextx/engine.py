@@ -1,6 +1,6 @@
 """The training engine built from the typed config: the loop calls only `backward(loss)` and `step()`.
 
-Two engines with one interface (ARCHITECTURE §8, STYLE §2.8):
+Two engines with one interface (docs/design.md §8, STYLE §2.8):
 
   plain       single-process torch (CPU debugging, the learning proofs): AdamW, warmup + cosine/constant lr,
               global-norm clipping, fp32 or bf16 autocast, gradient accumulation.
@@ -13,13 +13,13 @@ Choices (why):
   * The learning rate is `lr_at(step)` written into the param groups before each optimizer step (no scheduler
     object to checkpoint: the step count is the whole schedule state).
   * `dist.precision: bf16` is torch autocast over fp32 weights, for both engines. DeepSpeed sees an fp32 model (its
-    "bf16" section stays off), so the IMM time path and target pass really run in fp32 (IMM.md §9) and gradients
+    "bf16" section stays off), so the IMM time path and target pass really run in fp32 (docs/imm.md §9) and gradients
     are reduced in fp32. An advanced user may still switch on DeepSpeed's bf16 weights through the JSON.
   * DeepSpeed wraps the model in `_DSNet`, whose forward returns the ModelOutput as a dict (`_Out`, attribute
     access kept): DeepSpeed registers its backward-prologue hooks only on tensors inside tuples/lists/dicts, and
     without that prologue ZeRO never learns the gradient-accumulation boundary.
   * EMA (`optim.ema_decay > 0`): under ZeRO 0-2 every rank keeps a full fp32 copy; under ZeRO-3 each rank keeps
-    the EMA of its own parameter partition (`p.ds_tensor`), gathered only for export (STYLE §2.21).
+    the EMA of its own parameter partition (`p.ds_tensor`), gathered only for export.
   * Activation checkpointing is the model's own (`model.activation_checkpointing`, torch.utils.checkpoint);
     DeepSpeed's "activation_checkpointing" section applies only to its own checkpointing API and is not used.
 

@@ -1,15 +1,15 @@
-"""Generation: the outer loop walks the sequence, the inner loop refines the current image (ARCHITECTURE §6).
+"""Generation: the outer loop walks the sequence, the inner loop refines the current image (docs/design.md §6).
 
 This module holds the *reference* samplers: every step re-runs the whole sequence (no KV cache). They are the
 ground truth the cached samplers are tested against, and they are what the learning proofs use. Samplers are
-free functions that take the model (STYLE §2.3); the t-grid comes from one function, `imm.sampling_times`.
+free functions that take the model; the t-grid comes from one function, `imm.sampling_times`.
 
 Layouts are the training layouts (`nextx.sequence.layout_document`), so a prompt looks exactly like training:
 
     text -> image     <bos> caption <boi> [noise split: x_t]            refine x for N steps
     image -> text     <bos> <boi> [clean split: x] <eoi> t1 t2 ...      decode text greedily / by sampling
 
-Samplers (IMM.md §6), all on x of shape (B, N, C) with ε ~ N(0, σ_d²):
+Samplers (docs/imm.md §6), all on x of shape (B, N, C) with ε ~ N(0, σ_d²):
   pushforward   x ← f(x; s = t_{i+1}, t = t_i) = x − (t_i − t_{i+1})·σ_d·G
   restart       x̂ = f(x; s = ε, t = t_i); x ← α_{t_{i+1}} x̂ + σ_{t_{i+1}} ε'
   euler         the flow baseline: the same update as pushforward, but the model sees s = t (as in training)

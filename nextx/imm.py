@@ -1,25 +1,25 @@
 """Pure Inductive Moment Matching math: interpolant, times, r(s, t), Euler-FM step, kernel, weight, MMD, t-grids.
 
 Reference: Zhou, Ermon, Song, "Inductive Moment Matching" (arXiv 2503.07565, ICML 2025), cited as [P] with
-equation / appendix numbers; `/work/shared/design/IMM.md` (the project's spec, cited as IMM.md §n) is authoritative
-where they differ. Only the OT-FM interpolant is implemented (the paper's ImageNet setting, ARCHITECTURE §5):
+equation / appendix numbers; `docs/imm.md` (cited as docs/imm.md §n) writes the math out with the project's
+defaults. Only the OT-FM interpolant is implemented (the paper's ImageNet setting, docs/design.md §5):
 
     x_t = alpha_t x + sigma_t eps,   alpha_t = 1 - t,   sigma_t = t,   eps ~ N(0, sigma_d^2 I)      ([P] §2, App. C)
     eta_t = sigma_t / alpha_t = t / (1 - t),   lambda_t = log-SNR = -2 log eta_t
 
-Parameterisation (Euler-FM, [P] App. C.3, IMM.md §3): f(x_t, s, t) = x_t - (t - s) sigma_d G, so sigma_d G plays
+Parameterisation (Euler-FM, [P] App. C.3, docs/imm.md §3): f(x_t, s, t) = x_t - (t - s) sigma_d G, so sigma_d G plays
 the flow-matching velocity eps - x (`flow_target`) and f(x_t, t, t) = x_t exactly.
 
-Choices (IMM.md is the spec; the reasons are here):
+Choices (docs/imm.md states the math; the reasons are here):
   * Every time quantity (t, s, r, eta, lambda, weights, kernel scale) is computed in float64: near T = 0.994 the
-    gap t - r is ~1e-6 (k = 12), below float32's resolution of t (IMM.md §9). Tensor results that combine times
+    gap t - r is ~1e-6 (k = 12), below float32's resolution of t (docs/imm.md §9). Tensor results that combine times
     with data (`interpolate`, `ddim`, `euler_fm`) are computed in float64 and returned in the promoted dtype of
     the data inputs, so fp64 in gives fp64 out (the sampler's state) and fp32 in gives fp32 out.
   * Times are (n,) tensors, one per sample (or per group); data is (n, ...) and the time broadcasts over the
     trailing dims. A 0-d tensor or Python float broadcasts over everything.
-  * `mmd_loss` is the V-statistic with the diagonal included ([P] Eq. 67; IMM.md §4); the squared distance is
+  * `mmd_loss` is the V-statistic with the diagonal included ([P] Eq. 67; docs/imm.md §4); the squared distance is
     clamped at 1e-8 (distance >= 1e-4) so the diagonal, where the distance is exactly 0, has a zero (not NaN)
-    gradient (IMM.md §4 [U], §9).
+    gradient (docs/imm.md §4 [U], §9).
   * `kernel_scale` clamps |t - s| at `MIN_GAP_SCALE` = 1e-12: s == t would give an infinite scale and, through
     exp(-inf * d) * inf, NaN gradients. With the clamp every off-diagonal kernel underflows to exactly 0 and its
     gradient to 0, which is the s -> t limit (at s == t, f = x_t carries no gradient through G anyway).
@@ -35,10 +35,10 @@ import math
 import torch
 
 Time = torch.Tensor | float  # a time: (n,) tensor, 0-d tensor or Python float
-SIGMA_D = 0.5          # data std of the latents (IMM.md §1)
-T_MAX = 0.994          # largest time for OT-FM: eta_max ~ 165.7 (IMM.md §1)
+SIGMA_D = 0.5          # data std of the latents (docs/imm.md §1)
+T_MAX = 0.994          # largest time for OT-FM: eta_max ~ 165.7 (docs/imm.md §1)
 MIN_GAP_SCALE = 1e-12  # |t - s| floor inside kernel_scale (module docstring)
-SQ_DIST_FLOOR = 1e-8   # squared-distance floor of the Laplace kernel (IMM.md §4 [U])
+SQ_DIST_FLOOR = 1e-8   # squared-distance floor of the Laplace kernel (docs/imm.md §4 [U])
 ETA_TINY = 1e-8        # lower end of log-eta when eps = 0 (lognormal time sampling)
 
 
@@ -68,7 +68,7 @@ def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Interpolant and time maps ([P] §2, App. C.1; IMM.md §1)
+# Interpolant and time maps ([P] §2, App. C.1; docs/imm.md §1)
 
 
 def alpha_sigma(t: Time) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +122,7 @@ def flow_target(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Training times: t, s ~ p(t, s); r(s, t) ([P] App. C.7, Table 5; IMM.md §1-2)
+# Training times: t, s ~ p(t, s); r(s, t) ([P] App. C.7, Table 5; docs/imm.md §1-2)
 
 
 def _sample_trunc_normal(lo: torch.Tensor, hi: torch.Tensor, mean: float, std: float, u: torch.Tensor) -> torch.Tensor:
@@ -140,9 +140,9 @@ def sample_t_s(n: int, *, T: float = T_MAX, eps: float = 0.0, mode: str = "unifo
     """Draw n pairs (t, s), eps <= s <= t <= T. Returns t, s, each (n,) float64 on `device` (default: CPU).
 
     mode "uniform" ([P] App. C.7, Table 5; the default): t ~ U(eps, T), s | t ~ U(eps, t).
-    mode "lognormal" (IMM.md §1 [U]): log eta_t ~ N(P_mean, P_std^2) truncated to [log eta(eps), log eta(T)],
+    mode "lognormal" (docs/imm.md §1 [U]): log eta_t ~ N(P_mean, P_std^2) truncated to [log eta(eps), log eta(T)],
     then log eta_s from the same normal truncated to [log eta(eps), log eta_t], both by inverse CDF. eta(eps) is
-    floored at ETA_TINY (eps = 0 has log eta = -inf). Unlike [U], the lower bound is a log (see IMM.md §1 quirk).
+    floored at ETA_TINY (eps = 0 has log eta = -inf). Unlike [U], the lower bound is a log (see docs/imm.md §1 quirk).
     Randomness comes from `generator` (drawn on its device, then moved to `device`).
     """
     if not 0.0 <= eps < T < 1.0:
@@ -177,7 +177,7 @@ def k_at(step: int | None, k: float, k_start: float, ramp_steps: int) -> float:
 
 
 def r_of(s: Time, t: Time, *, k: float = 12, min_gap: float = 1e-4, T: float = T_MAX, eps: float = 0.0) -> torch.Tensor:
-    """r(s, t) by a constant decrement in eta ([P] §4.2, App. C.6; IMM.md §2). s, t (n,) -> r (n,) float64.
+    """r(s, t) by a constant decrement in eta ([P] §4.2, App. C.6; docs/imm.md §2). s, t (n,) -> r (n,) float64.
 
         delta = (eta(T) - eta(eps)) / 2^k
         eta_r = clamp(eta_t - delta, eta(eps), eta(T)),   r = t_of_eta(eta_r)
@@ -193,7 +193,7 @@ def r_of(s: Time, t: Time, *, k: float = 12, min_gap: float = 1e-4, T: float = T
 
 
 # --------------------------------------------------------------------------------------------------------
-# Parameterisation, kernel, weight, loss ([P] §4, App. C.3-C.5, Eq. 67; IMM.md §3-4)
+# Parameterisation, kernel, weight, loss ([P] §4, App. C.3-C.5, Eq. 67; docs/imm.md §3-4)
 
 
 def euler_fm(x_t: torch.Tensor, G: torch.Tensor, s: Time, t: Time, sigma_d: float = SIGMA_D) -> torch.Tensor:
@@ -221,7 +221,7 @@ def loss_weight(t: Time, *, a: float = 1.0, b: float = 4.0) -> torch.Tensor:
 
         w = t / (t^2 + (1 - t)^2 e^-b) * (1 - t)^(a - 1) / ((1 - t)^2 + t^2),
 
-    finite on [0, 1] for a >= 1 (w(0) = 0; the literal product is 0 * inf at t = 0, IMM.md §9). Values for
+    finite on [0, 1] for a >= 1 (w(0) = 0; the literal product is 0 * inf at t = 0, docs/imm.md §9). Values for
     (a, b) = (1, 4): t = .01 -> .57, .1 -> 4.9, .2 -> 5.7, .5 -> 3.9, .994 -> 1.0; a = 2 gives .006 at .994.
     """
     t = _f64(t)
@@ -230,10 +230,10 @@ def loss_weight(t: Time, *, a: float = 1.0, b: float = 4.0) -> torch.Tensor:
 
 
 def laplace_kernel(x: torch.Tensor, y: torch.Tensor, scale, D: int) -> torch.Tensor:
-    """K(x, y) = exp(-scale * max(||x - y||_2, 1e-4) / D) ([P] §4, App. C.5; IMM.md §4).
+    """K(x, y) = exp(-scale * max(||x - y||_2, 1e-4) / D) ([P] §4, App. C.5; docs/imm.md §4).
 
     x, y broadcastable (..., D') with the particle flattened in the last dim (the norm is over it); scale
-    broadcastable to the result (...). D is the normaliser (elements of one particle; IMM.md §9: D, not sqrt D).
+    broadcastable to the result (...). D is the normaliser (elements of one particle; docs/imm.md §9: D, not sqrt D).
     The floor is on the squared distance (1e-8, as [U]), so identical x and y give a zero, not NaN, gradient."""
     sq = (x - y).pow(2).sum(-1)
     return torch.exp(-scale * sq.clamp(min=SQ_DIST_FLOOR).sqrt() / D)
@@ -241,7 +241,7 @@ def laplace_kernel(x: torch.Tensor, y: torch.Tensor, scale, D: int) -> torch.Ten
 
 def mmd_loss(y: torch.Tensor, y_target: torch.Tensor, t: Time, s: Time, *, sigma_d: float = SIGMA_D,
              a: float = 1.0, b: float = 4.0) -> torch.Tensor:
-    """Per-group IMM loss ([P] Eq. 67, Alg. 1; IMM.md §4). Returns (G,).
+    """Per-group IMM loss ([P] Eq. 67, Alg. 1; docs/imm.md §4). Returns (G,).
 
     y: (G, M, ...) online particles f_theta(x_t, s, t); y_target: (G, M, ...) target particles f_theta-(x_r, s, r),
     treated as given (the caller detaches or builds it under no_grad). t, s: (G,) times of each group.
@@ -270,7 +270,7 @@ def mmd_loss(y: torch.Tensor, y_target: torch.Tensor, t: Time, s: Time, *, sigma
 
 
 # --------------------------------------------------------------------------------------------------------
-# Sampling ([P] §5, Alg. 2-3, App. I.2; IMM.md §6)
+# Sampling ([P] §5, Alg. 2-3, App. I.2; docs/imm.md §6)
 
 
 def sampling_times(n_steps: int, *, T: float = T_MAX, eps: float = 0.0, schedule: str = "uniform",

@@ -8,7 +8,7 @@
 `Generator` turns strings and pixels into ids and latents (the run's text and image tokenizers) and back; the
 sampling itself is `sampling.t2i / caption / generate`. The defaults come from the run's config: σ_d, T, ε of
 the objective; sampler `euler` at 50 steps for a flow-baseline run, `pushforward` at 4 steps for IMM; guidance
-1.5 (IMM.md §5) when the run was trained with CFG dropout, else 1. Batches run with generator seed
+1.5 (docs/imm.md §5) when the run was trained with CFG dropout, else 1. Batches run with generator seed
 `seed + index of the batch's first item`, so the same seed and batch size give the same output.
 
 Commands (each writes its settings beside its output):
@@ -196,7 +196,7 @@ def _common(p: argparse.ArgumentParser, image: bool) -> None:
                        help="guidance scale w (default 1.5 if the run trained with CFG dropout, else 1 = off)")
         p.add_argument("--sampler", default=None, choices=sampling.SAMPLERS,
                        help="default: pushforward (IMM runs), euler (flow runs)")
-        p.add_argument("--schedule", default="uniform", choices=["uniform", "edm"], help="t-grid (IMM.md §6)")
+        p.add_argument("--schedule", default="uniform", choices=["uniform", "edm"], help="t-grid (docs/imm.md §6)")
 
 
 def _text_opts(p: argparse.ArgumentParser, max_new: int, temperature: float) -> None:

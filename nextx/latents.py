@@ -1,4 +1,4 @@
-"""Image tokenizers: pixels <-> latent tokens (B, N, C) with data std sigma_d (ARCHITECTURE §7).
+"""Image tokenizers: pixels <-> latent tokens (B, N, C) with data std sigma_d (docs/design.md §7).
 
 Two kinds, one interface (`image_size`, `patch_size`, `grid` = (h, w), `token_dim` = C, `encode`, `decode`,
 `save`, `load`, `to`), chosen by the `type` in a tokenizer dir's config.json (`load_image_tokenizer`):
@@ -12,8 +12,8 @@ sigma_d they were scaled to) and, for kl_ae, model.safetensors. Tokens are norma
 
     z = (v - mean_c) / std_c * sigma_d        (v a pixel value or an AE latent, c its channel)
 
-so the measured data has std sigma_d = 0.5, the sigma_d IMM assumes (IMM.md §1). The stats are always measured
-on data by the jobs in tokenizers/image/ and read from stats.json, never written inline (STYLE §6; MAR's
+so the measured data has std sigma_d = 0.5, the sigma_d IMM assumes (docs/imm.md §1). The stats are always measured
+on data by the jobs in tokenizers/image/ and read from stats.json, never written inline (MAR's
 inline 0.2325 is the thing avoided). Per channel, not per token dimension: the stats stay meaningful for
 any patch size and a channel's patch values share one scale.
 

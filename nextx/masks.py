@@ -1,4 +1,4 @@
-"""Attention masks from the token layout: one rule (ARCHITECTURE §2), two backends (flex BlockMask, dense SDPA).
+"""Attention masks from the token layout: one rule (docs/design.md §2), two backends (flex BlockMask, dense SDPA).
 
 Every token is described by `(doc, kind, split)` from `nextx.sequence` (kinds PAD=0, TEXT=1, CLEAN=2, NOISE=3;
 `doc` = document index in the row, -1 on pads; `split` = split index in the row, -1 on text and pads). The rule:
@@ -58,7 +58,7 @@ Worked example: one row of L = 15, doc 0 = `[t0], image (1x2)` with its clean sp
 Columns 3-4 (doc 0's noise split) are seen only by rows 3-4; the clean split (5-6) is bidirectional and is what
 `<eoi>`/`<eos>` see of the image; doc 1 never sees doc 0; the pad sees itself.
 
-Backends (ARCHITECTURE §2): `block_mask` builds one FlexAttention BlockMask per packed batch for GPU training;
+Backends (docs/design.md §2): `block_mask` builds one FlexAttention BlockMask per packed batch for GPU training;
 `dense_mask` gives the (B, 1, L, L) boolean mask for SDPA (CPU training: flex has no backward on CPU, and the
 reference backend). `xformers_available` / `require_xformers` gate the optional xformers backend.
 """
@@ -194,7 +194,7 @@ def block_mask(doc: torch.Tensor, kind: torch.Tensor, split: torch.Tensor, *, n_
     """(B, L) layout tensors -> FlexAttention `BlockMask` of shape (B, H, L, L), on the layout's device.
 
     B is always the real batch size: with B=None flex builds the mask of row 0 and broadcasts it to every row,
-    which is silently wrong for packed rows whose layouts differ (the Show-o2 "loss spikes", ANCHORS §5).
+    which is silently wrong for packed rows whose layouts differ (a cause of training loss spikes reported by users of other mixed-modality models).
     H is 1 unless `n_heads` is given: the rule is head-independent, and flex broadcasts a size-1 head dim of an
     explicit BlockMask over all query heads (checked against SDPA in the tests); H=n_heads only multiplies the
     mask build cost by n_heads. We never pass None for either (create_block_mask would silently take 1).

@@ -1,4 +1,4 @@
-"""NextX: one decoder-only transformer for the next text token and the next image (ARCHITECTURE §3-4).
+"""NextX: one decoder-only transformer for the next text token and the next image (docs/design.md §3-4).
 
     out = model(ids, kind, pos, pos2d, latents, img, t, s, mask)    # -> ModelOutput(text_logits, latent_out, past)
 
@@ -12,7 +12,7 @@ of other tokens are zeroed first, so whatever the caller leaves there (even NaN)
 Blocks are Llama blocks (pre-RMSNorm in fp32, GQA attention without biases, rotate-half RoPE, SwiGLU), so a local
 Hugging Face Llama checkpoint loads without any permutation (`nextx.pretrained.load_hf_llama`) and text logits match `transformers`.
 
-Time (IMM.md: the network is conditioned on c_noise(t) = 1000 t and on 1000 (t - s)). Per image, in fp32 with autocast
+Time (docs/imm.md §3: the network is conditioned on c_noise(t) = 1000 t and on 1000 (t - s)). Per image, in fp32 with autocast
 off: sinusoidal features (time_freq_dim, max period 1e4, computed in fp64) of each, each into its own
 Linear-SiLU-Linear MLP, summed -> e (n_img, D). Every block turns SiLU(e) into (shift, scale, gate) x {attn, mlp}
 with one zero-initialised Linear, computed per IMAGE and gathered to the NOISE tokens only:
@@ -24,7 +24,7 @@ so TEXT/CLEAN tokens run exactly a Llama block, and at init (zero modulation) so
 (shift, scale) modulation, also zero-initialised, precedes the latent head. Only the NOISE rows are gathered and
 multiplied, so the conditioning costs O(n_noise * D) memory per block, not O(B * L * D).
 
-Positions (ARCHITECTURE §3). `pos` is the 1D RoPE position of every token (an image's noise and clean copies
+Positions (docs/design.md §3). `pos` is the 1D RoPE position of every token (an image's noise and clean copies
 share one slot). `pos2d`:
   * "rope"   multimodal RoPE. The P frequency pairs are split into three sections, interleaved with period 4:
              pair i belongs to row if i % 4 == 1, col if i % 4 == 3, else to the 1D (temporal) section — half/

@@ -1,6 +1,6 @@
 """Training objectives on a packed Batch: text cross-entropy + IMM (or the flow-matching baseline) -> (loss, parts).
 
-ARCHITECTURE §5 and IMM.md §4-5. The objective owns every random draw (times, noise, CFG dropout); the model only
+docs/design.md §5 and docs/imm.md §4-5. The objective owns every random draw (times, noise, CFG dropout); the model only
 maps a batch to `(text_logits, latent_out)`.
 
 IMM, step by step (legend: B rows, L tokens, C latent channels, N tokens of one image, M particles per group):
@@ -8,8 +8,8 @@ IMM, step by step (legend: B rows, L tokens, C latent channels, N tokens of one 
      text tokens (not the layout specials) leave the sequence (`sequence.apply_null_prompt`; `objective.null_prompt:
      hidden`), and its text targets are ignored. At sampling, the unconditional rows are built by the same function.
   2. Times: generated images (those with a noise split) in batch order form groups of M consecutive images that
-     share (s, r, t) (IMM.md §4 "(b m)" layout); t, s ~ `imm.sample_t_s`, r = `imm.r_of(s, t)`.
-  3. One ε ~ N(0, σ_d²) per noise token; x_t = α_t x + σ_t ε and x_r = α_r x + σ_r ε (same ε, IMM.md §1).
+     share (s, r, t) (docs/imm.md §4 "(b m)" layout); t, s ~ `imm.sample_t_s`, r = `imm.r_of(s, t)`.
+  3. One ε ~ N(0, σ_d²) per noise token; x_t = α_t x + σ_t ε and x_r = α_r x + σ_r ε (same ε, docs/imm.md §1).
   4. Online pass (grad): y = f(x_t, s, t) = x_t − (t − s)·σ_d·G_θ on the noise tokens.
   5. Target pass (no grad, fp32, current weights, only the rows holding noise tokens, same dropped text):
      ŷ = f(x_r, s, r) = x_r − (r − s)·σ_d·G_θ⁻.
@@ -223,7 +223,7 @@ def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds,
 def _target_pass(model, batch: Batch, x, eps, r, s, mask, cfg: ObjectiveConfig) -> torch.Tensor:
     """ŷ = f_θ⁻(x_r, s, r) on every token (B, L, C), float64; only rows holding noise tokens are run.
 
-    θ⁻ is the current weights (no EMA: IMM.md §4); fp32 without autocast (IMM.md §9: bf16 cannot tell r from t)."""
+    θ⁻ is the current weights (no EMA: docs/imm.md §4); fp32 without autocast (docs/imm.md §9: bf16 cannot tell r from t)."""
     noise_tok = batch.kind == NOISE
     rows = noise_tok.any(dim=1).nonzero(as_tuple=True)[0]
     r_tok = _per_token(r, batch.img)                                                  # (B, L) float64

@@ -1,4 +1,4 @@
-"""KV-cached, batched generation (ARCHITECTURE §6): prefill, text decoding, few-step image refinement with
+"""KV-cached, batched generation (docs/design.md §6): prefill, text decoding, few-step image refinement with
 classifier-free guidance, captioning, interleaved text-image documents.
 
     x = t2i(model, prompts, special, grid=(h, w), latent_dim=C, steps=4, cfg_scale=1.5)   # (B, N, C) latents
@@ -7,7 +7,7 @@ classifier-free guidance, captioning, interleaved text-image documents.
 
 `t2i` and `caption` take the arguments of the reference samplers in `nextx.generate` (full recomputation of the
 whole sequence at every step) and return the same numbers (tests/test_generate.py measures the difference); this
-module never re-runs a token it has cached. Samplers are free functions of the model (STYLE §2.3).
+module never re-runs a token it has cached. Samplers are free functions of the model.
 
 The cache. `Cache` holds the per-layer (k, v) of every row and the layout of every cached token: (doc, kind,
 split) and each row's next 1D position. A forward of new tokens (a "chunk") builds its mask with `cached_mask`:
@@ -18,7 +18,7 @@ Rows of different lengths: PAD tokens, and per-row positions. All rows of the ca
 fewer real tokens holds PAD tokens (kind PAD, doc -1). By the mask rule a pad sees only itself and no token sees a
 pad, so pads change nothing for real tokens (SDPA gives masked keys exactly zero weight). RoPE positions are not
 the cache index: each row keeps its own position counter, so `<bos>` of every prompt is at position 0 and every
-token gets its training position (ARCHITECTURE §3). Prompts are LEFT-padded at prefill; later chunks of unequal
+token gets its training position (docs/design.md §3). Prompts are LEFT-padded at prefill; later chunks of unequal
 length (one row appends a text token while another commits an image) are RIGHT-padded, which leaves pads in the
 middle of a row — harmless for the same reason. The cost is cache slots: the longest prompt, plus N + 1 slots per
 committed image in the rows that did not draw it.

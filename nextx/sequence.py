@@ -1,4 +1,4 @@
-"""Segments -> token layout -> token-budget packed rows -> Batch (ARCHITECTURE §1, §3, §8).
+"""Segments -> token layout -> token-budget packed rows -> Batch (docs/design.md §1, §3, §8).
 
 One document becomes one flat token sequence. Every image becomes
 

@@ -1,6 +1,6 @@
 """The text tokenizer: SentencePiece BPE trained by the project, or an existing SentencePiece / Hugging Face one.
 
-    SPECIAL_TOKENS        <pad> <unk> <bos> <eos> <boi> <eoi>, the ids the sequence layout needs (ARCHITECTURE §1)
+    SPECIAL_TOKENS        <pad> <unk> <bos> <eos> <boi> <eoi>, the ids the sequence layout needs (docs/design.md §1)
     train_sentencepiece   texts -> out_dir/{tokenizer.model, tokenizer.json} and the loaded TextTokenizer
     TextTokenizer         encode/decode (single and batch), special ids, vocab_size for sizing the embedding
     load_tokenizer        a nextx tokenizer dir, a bare SentencePiece .model, or a local Hugging Face tokenizer dir

@@ -47,7 +47,7 @@ def test_interpolate_ddim_flow_target_by_hand():
     close(imm.flow_target(x, e), T(-3.0, 2.0))                       # noise - x
     # ddim(x_t=3, x=1, s=0.25, t=0.5): (0.75 - 0.5*0.25/0.5)*1 + (0.25/0.5)*3 = 0.5 + 1.5 = 2
     close(imm.ddim(T(3.0), T(1.0), T(0.25), T(0.5)), T(2.0))
-    # x_r = ddim(x_t, x, r, t) = alpha_r x + sigma_r eps with the same eps (IMM.md §1)
+    # x_r = ddim(x_t, x, r, t) = alpha_r x + sigma_r eps with the same eps (docs/imm.md §1)
     g = torch.Generator().manual_seed(0)
     x, e = torch.randn(3, 4, 5, generator=g, dtype=f64), torch.randn(3, 4, 5, generator=g, dtype=f64) * 0.5
     t, r = T(0.9, 0.5, 0.2), T(0.3, 0.49, 0.0)
@@ -184,7 +184,7 @@ def test_loss_weight_by_hand_and_table():
     # t = 0.5, (a, b) = (1, 4): lambda = 0, sigmoid(4) = 0.98201379, -dlambda/dt = 2/(0.5*0.5) = 8,
     # alpha/(alpha^2 + sigma^2) = 0.5/0.5 = 1 -> w = 0.5*0.98201379*8 = 3.928055160151634
     close(imm.loss_weight(T(0.5)), T(3.928055160151634), 1e-12)
-    # IMM.md §4 (rounded): .01 -> .57, .1 -> 4.9, .2 -> 5.7, .5 -> 3.9, .994 -> 1.0; a = 2: .006 at .994
+    # docs/imm.md §4 (rounded): .01 -> .57, .1 -> 4.9, .2 -> 5.7, .5 -> 3.9, .994 -> 1.0; a = 2: .006 at .994
     close(imm.loss_weight(T(0.01, 0.1, 0.2, 0.5, 0.994)), T(0.57, 4.9, 5.7, 3.9, 1.0), 0.05)
     close(imm.loss_weight(T(0.994), a=2.0), T(0.006), 5e-4)
 
@@ -221,7 +221,7 @@ def test_mmd_loss_by_hand_single_particle():
 
 
 def slow_mmd(y, yh, t, s, sigma_d=0.5, a=1.0, b=4.0):
-    """Independent reference: Python loops over groups and particle pairs, written from IMM.md §4 directly."""
+    """Independent reference: Python loops over groups and particle pairs, written from docs/imm.md §4 directly."""
     out = []
     for g in range(y.shape[0]):
         tg, sg = float(t[g]), float(s[g])

@@ -1,4 +1,4 @@
-"""Make a pixel-patch image tokenizer: measure per-channel pixel mean/std on shard images (ARCHITECTURE §7).
+"""Make a pixel-patch image tokenizer: measure per-channel pixel mean/std on shard images (docs/design.md §7).
 
     nextx tokenizer pixel --shards data/shapes32 --out data/tok/pixel32 --image-size 32 --patch-size 4
     python tokenizers/image/pixel_stats.py --shards data/shapes32 --out data/tok/pixel32

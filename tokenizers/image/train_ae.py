@@ -1,4 +1,4 @@
-"""Train the KL autoencoder image tokenizer on shard images and measure it (ARCHITECTURE §7).
+"""Train the KL autoencoder image tokenizer on shard images and measure it (docs/design.md §7).
 
     nextx tokenizer image --shards data/emoji64 --out data/tok/ae32 --image-size 32 --downsample 4 --minutes 4
     python tokenizers/image/train_ae.py --shards data/emoji64 --out data/tok/ae64 --image-size 64 --steps 5000
