@@ -16,9 +16,9 @@ Sections (one JSON line each, also collected into --json):
   data      (--data) the DataLoader's packed rows/s and documents/s with 0/1/2 workers against the rows/s one
             training step consumes (batches preloaded, so the step is timed without data)
 
-MFU = achieved model FLOP/s / peak (nextx.train.PEAK_TFLOPS by GPU name, or --peak-tflops); model FLOPs per token
+MFU = achieved model FLOP/s / peak (nextx.metrics.PEAK_TFLOPS by GPU name, or --peak-tflops); model FLOPs per token
 are 6 N + 12 layers D L (PaLM), N without the embedding lookup and without the per-image time/adaLN parameters
-(nextx.train.token_flops), plus one extra forward (a third of that) on rows holding a generated image for the IMM
+(nextx.metrics.token_flops), plus one extra forward (a third of that) on rows holding a generated image for the IMM
 target pass. Llama: the same formula with its N. Timings: median of --steps timed steps after --warmup steps.
 """
 
@@ -99,7 +99,7 @@ def synthetic_batches(kind: str, n: int, rows: int, row_len: int, vocab: int, la
 def peak(device, override: float) -> float | None:
     if override:
         return override * 1e12
-    from nextx.train import PEAK_TFLOPS
+    from nextx.metrics import PEAK_TFLOPS
 
     if torch.device(device).type != "cuda":
         return None
@@ -111,7 +111,7 @@ def bench_nextx(name: str, cfg, latent_dim: int, grid, kind: str, a, device) -> 
     from nextx.engine import PlainEngine
     from nextx.model import NextX
     from nextx.objective import compute_loss
-    from nextx.train import token_flops
+    from nextx.metrics import token_flops
 
     torch.manual_seed(0)
     model = NextX(cfg.model, vocab_size=a.vocab, latent_dim=latent_dim).to(device)

@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nextx.model import sincos_2d, time_features
+from nextx.model import time_features
+from nextx.positions import sincos_2d
 
 
 class RefBlock(nn.Module):

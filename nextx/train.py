@@ -30,23 +30,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nextx import imm
 from nextx.checkpoint import (barrier, clean_partial, export, fault_point, latest_checkpoint, load_run_config,
                               load_train_state,
                               save_checkpoint, set_rng_state)
 from nextx.config import Config, ConfigError, load_config, save_config, to_dict
 from nextx.data import build_loader
 from nextx.engine import build_engine, init_distributed
+from nextx.metrics import (COUNT_KEYS, LOSS_KEYS, Metrics, all_reduce_sum, count_batch, fmt_record, log_record,
+                           new_accumulator, peak_flops, token_flops)
 from nextx.objective import compute_loss
 from nextx.pretrained import build_model
-from nextx.sequence import NOISE, PAD, SpecialIds
+from nextx.sequence import SpecialIds
 
-# Dense bf16 tensor-core peaks per device, TFLOP/s (vendor datasheets; the "PCIe" entries are checked first).
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0,
-               "B200": 2250.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
-               "RTX 4090": 165.0, "RTX 3090": 71.0}
-LOSS_KEYS = ("loss", "ce", "imm", "flow")            # averaged over micro-batches and ranks
-COUNT_KEYS = ("text_targets", "images", "cfg_dropped", "groups")  # summed
 
 
 def print0(*a, **k):
@@ -67,40 +62,6 @@ def seed_all(seed: int) -> None:
 def micro_seed(seed: int, step: int, k: int) -> int:
     """Seed of the objective's generator for micro-batch k of the global batch at optimizer step `step`."""
     return ((seed * 1_000_003 + step) * 65_537 + k) % (2**63 - 1)
-
-
-PER_IMAGE_PARAMS = ("time_mlp.", "gap_mlp.", ".ada.", "final_ada.")  # run once per image, not per token
-
-
-def token_flops(model, seq_len: int) -> float:
-    """Training FLOPs per token (fwd + bwd): model.flops_per_token minus the parameters that run once per image
-    (time MLPs and adaLN projections: n_img x D inputs, negligible), which 6N would count per token."""
-    per_image = sum(p.numel() for n, p in model.named_parameters() if any(k in f".{n}" for k in PER_IMAGE_PARAMS))
-    return model.flops_per_token(seq_len) - 6.0 * per_image
-
-
-def peak_flops(cfg: Config, device: torch.device) -> float | None:
-    """Per-device peak FLOP/s for MFU: train.peak_tflops, else the table by GPU name; None on CPU/unknown."""
-    if cfg.train.peak_tflops:
-        return cfg.train.peak_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tf in PEAK_TFLOPS.items():
-        if key in name:
-            return tf * 1e12
-    return None
-
-
-def memory_gb(device: torch.device) -> float:
-    """Peak memory since the last call: CUDA allocated on GPU, the process's max RSS on CPU."""
-    if device.type == "cuda":
-        m = torch.cuda.max_memory_allocated(device) / 2**30
-        torch.cuda.reset_peak_memory_stats(device)
-        return m
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def _resume_keys(cfg: Config) -> dict:
@@ -227,59 +188,9 @@ def quick_eval(engine, cfg: Config, special, rank: int, world: int, device, agre
                                     n_heads=cfg.model.n_heads, generator=gen)
         sums += torch.tensor([parts.get(k, 0.0) for k in LOSS_KEYS] + [1.0], dtype=torch.float64)
     model.train(was)
-    sums = _all_reduce(sums, world)
+    sums = all_reduce_sum(sums, world)
     n = max(1.0, float(sums[-1]))
     return {f"val_{k}": float(v) / n for k, v in zip(LOSS_KEYS, sums[:-1]) if k in ("loss", "ce", cfg.objective.kind)}
-
-
-def _all_reduce(x: torch.Tensor, world: int) -> torch.Tensor:
-    """Sum over ranks (float64 on CPU in the caller; moved to the device for nccl)."""
-    if world == 1:
-        return x
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else x.device
-    y = x.to(dev)
-    torch.distributed.all_reduce(y)
-    return y.cpu()
-
-
-class Metrics:
-    """metrics.jsonl + TensorBoard (rank 0); a null object elsewhere."""
-
-    def __init__(self, out: Path, enabled: bool):
-        self.enabled = enabled
-        self.file = (out / "metrics.jsonl").open("a") if enabled else None
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tb"))
-            except ImportError:  # tensorboard is optional at run time
-                self.tb = None
-
-    def write(self, rec: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _fmt(rec: dict) -> str:
-    def f(k, v):
-        if isinstance(v, float):
-            return f"{k} {v:.4g}"
-        return f"{k} {v}"
-    return " | ".join(f(k, v) for k, v in rec.items())
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -352,7 +263,7 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
 
     gen = torch.Generator()
     t0 = t_last = time.perf_counter()
-    acc = _new_acc()
+    acc = new_accumulator()
     parts: dict = {}
     last_saved = step
     stop = step >= cfg.train.steps
@@ -367,7 +278,7 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
         if agree is not None and not agree.same_graph(batch):
             acc["skipped"] += 1
             continue
-        _count(acc, batch, flops_tok)
+        count_batch(acc, batch, flops_tok)
         gen.manual_seed(micro_seed(cfg.train.seed, step, micro * world + rank))
         micro += 1
         batch = batch.to(device, non_blocking=True)
@@ -393,19 +304,19 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
             timed_out = timed_out and is_log
         if is_log or timed_out:
             now = time.perf_counter()
-            rec, timed_out = _log_record(acc, info, step, now - t_last, now - t0, world, peak, device, cfg,
+            rec, timed_out = log_record(acc, info, step, now - t_last, now - t0, world, peak, device, cfg,
                                          timed_out)
             metrics.write(rec)
             if not quiet:
-                say(_fmt(rec))
-            t_last, acc = now, _new_acc()
+                say(fmt_record(rec))
+            t_last, acc = now, new_accumulator()
         t_extra = time.perf_counter()
         if cfg.train.eval_every and step % cfg.train.eval_every == 0:
             ev = quick_eval(engine, cfg, special, rank, world, device, agree)
             if ev:
                 metrics.write({"step": step, **ev})
                 if not quiet:
-                    say(_fmt({"step": step, **ev}))
+                    say(fmt_record({"step": step, **ev}))
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and (engine_is_zero3(engine) or rank == 0):
             sample_grid(engine.module, cfg, examples, text_tok, image_tok, special, out, step, device)
         stop = step >= cfg.train.steps or timed_out
@@ -453,62 +364,6 @@ class RankAgreement:
     def same_graph(self, batch) -> bool:
         n = self.sums([float(bool(batch.image_generate.any()))])[0]
         return n == 0 or n == self.world
-
-
-def _new_acc() -> dict:
-    return {"loss_sums": dict.fromkeys(LOSS_KEYS, 0.0), "counts": dict.fromkeys(COUNT_KEYS, 0), "micro": 0,
-            "tokens": 0, "tokens_all": 0, "pad": 0, "images": 0, "flops": 0.0, "stats": {}, "skipped": 0}
-
-
-def _count(acc: dict, batch, flops_tok: float) -> None:
-    """Token, image and FLOP counts of a micro-batch, from the CPU batch (no device sync). The IMM target pass is
-    one extra forward (1/3 of fwd+bwd) on the rows holding noise tokens."""
-    kind = batch.kind
-    B, L = kind.shape
-    n_pad = int((kind == PAD).sum())
-    target_rows = int((kind == NOISE).any(dim=1).sum())
-    acc["tokens_all"] += B * L
-    acc["tokens"] += B * L - n_pad
-    acc["pad"] += n_pad
-    acc["images"] += int(batch.image_generate.sum())
-    acc["flops"] += flops_tok * B * L + flops_tok / 3 * target_rows * L
-    for k, v in batch.stats.items():
-        if isinstance(v, (int, float)):
-            acc["stats"][k] = acc["stats"].get(k, 0) + v
-
-
-def _log_record(acc, info, step, dt, elapsed, world, peak, device, cfg, timed_out) -> tuple[dict, bool]:
-    """The log dict: global means of the loss parts, sums of the counts, rates, MFU, memory. One all-reduce."""
-    stat_keys = sorted(acc["stats"])
-    vals = ([acc["loss_sums"][k] for k in LOSS_KEYS] + [acc["counts"][k] for k in COUNT_KEYS]
-            + [acc["micro"], acc["tokens"], acc["tokens_all"], acc["pad"], acc["images"], acc["flops"],
-               acc["skipped"], float(timed_out)])
-    red = _all_reduce(torch.tensor(vals, dtype=torch.float64), world).tolist()
-    nl, nc = len(LOSS_KEYS), len(COUNT_KEYS)
-    micro, tokens, tokens_all, pad, images, flops, skipped, tflag = red[nl + nc:]
-    rec: dict = {"step": step}
-    for k, v in zip(LOSS_KEYS, red[:nl]):
-        if k in ("loss", "ce", cfg.objective.kind):
-            rec[k] = v / max(1.0, micro)
-    gn = info.get("grad_norm")
-    rec["lr"] = info["lr"]
-    if cfg.objective.kind == "imm" and cfg.objective.k_ramp_steps:
-        o = cfg.objective
-        rec["k"] = imm.k_at(step - 1, o.k, o.k_start, o.k_ramp_steps)  # the k of this step's last update
-    rec["grad_norm"] = float(gn) if gn is not None else float("nan")
-    rec["tokens_per_s"] = tokens / dt
-    rec["images_per_s"] = images / dt
-    rec["mfu"] = flops / dt / (peak * world) if peak else "n/a"
-    rec["mem_gb"] = memory_gb(device)
-    rec["packing"] = 1 - pad / max(1.0, tokens_all)
-    for k, v in zip(COUNT_KEYS, red[nl:nl + nc]):
-        rec[k] = int(v)
-    if skipped:
-        rec["skipped"] = int(skipped)  # micro-batches dropped on all ranks (ZeRO-3 control flow, see above)
-    for k in stat_keys:  # this rank's pipeline counters (bad samples, truncations)
-        rec[f"data_{k}"] = acc["stats"][k]
-    rec["elapsed_s"] = elapsed
-    return rec, tflag > 0
 
 
 def _save(out: Path, engine, cfg: Config, step: int, positions: dict, batches: int, world: int) -> None:

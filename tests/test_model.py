@@ -10,7 +10,8 @@ import torch
 
 from nextx.config import ModelConfig
 from nextx.masks import block_mask, dense_mask, xformers_available
-from nextx.model import ModelOutput, NextX, image_splits, rope2d_inv_freq, rope_inv_freq, rope_section
+from nextx.model import ModelOutput, NextX, image_splits
+from nextx.positions import rope2d_inv_freq, rope_inv_freq, rope_section
 from nextx.pretrained import load_hf_llama
 from nextx.sequence import CLEAN, IGNORE, NOISE, PAD, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
 
