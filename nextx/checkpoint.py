@@ -106,11 +106,11 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-def save_checkpoint(out: Path, engine, cfg: Config, step: int, extra: dict | None = None, *,
+def save_checkpoint(out: Path, engine, cfg: Config, step: int, *,
                     train_state: dict | None = None, keep: int = 0) -> Path:
     """All ranks: write checkpoints/step_N/ atomically and point `latest` at it. Returns the directory.
 
-    train_state: this rank's client state (data position, ...); `extra` (rank 0) is merged into it.
+    train_state: this rank's client state (data position, ...).
     keep > 0 deletes all but the newest `keep` checkpoints afterwards."""
     rank, _ = _rank_world()
     ck = Path(out) / "checkpoints"
@@ -122,8 +122,6 @@ def save_checkpoint(out: Path, engine, cfg: Config, step: int, extra: dict | Non
     barrier()
     engine.save_state(tmp)
     state = {"step": step, "rng": rng_state(), **(train_state or {})}
-    if rank == 0 and extra:
-        state.update(extra)
     torch.save(state, tmp / f"train_state_rank{rank:05d}.pt")
     if rank == 0:
         save_config(cfg, tmp / "config.yaml")

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from nextx import imm
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what is allowed."""
@@ -122,8 +124,8 @@ class ObjectiveConfig:
     kind: Literal["imm", "flow"] = "imm"  # flow = flow-matching baseline on the same model
     text_weight: float = 1.0     # lambda_text on the per-target-normalised CE
     image_weight: float = 1.0    # lambda_image on the IMM (or flow) loss
-    sigma_d: float = 0.5         # data std of the latents (docs/imm.md §1)
-    T: float = 0.994             # largest time (OT-FM): eta_max ~ 165.7
+    sigma_d: float = imm.SIGMA_D  # data std of the latents, 0.5 (docs/imm.md §1)
+    T: float = imm.T_MAX         # largest time (OT-FM), 0.994: eta_max ~ 165.7
     eps: float = 0.0             # smallest time (0 for latents, 0.006 for pixels in the paper)
     k: int = 12                  # r(s,t): eta_r = eta_t - (eta_max - eta_min) / 2^k
     k_start: float = 0.0         # k curriculum: k rises linearly from k_start to k over k_ramp_steps (README)
@@ -159,7 +161,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1     # cosine floor as a fraction of lr
     warmup_steps: int = 100
     schedule: Literal["cosine", "constant"] = "cosine"
-    weight_decay: float = 0.1     # on matrices only; norms, biases and embeddings of time MLPs excluded
+    weight_decay: float = 0.1     # on matrices (dim >= 2) except embeddings; none on norms and biases
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     grad_clip: float = 1.0        # max global grad norm (0 = off)

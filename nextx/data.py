@@ -27,7 +27,6 @@ next. Exact when world size and data.num_workers are unchanged.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass, fields
 from typing import Iterator
@@ -310,7 +309,3 @@ def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards:
                                        persistent_workers=nw > 0 and loop, drop_last=loop,
                                        prefetch_factor=4 if nw else None)
 
-
-def dist_env() -> tuple[int, int]:
-    """(rank, world_size) from the launcher's environment (torchrun, deepspeed, SLURM via torchrun)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -7,7 +7,7 @@ A document is an ordered list of segments, each `Text` or `Image`. In a tar shar
     K.img0.lat.npy  optional pre-encoded latents (float16/32 array), written by `nextx data encode`
 
 Pairs (one text, one image) are stored caption-first; the packer decides the direction (t2i or captioning).
-`decode_sample` turns the raw bytes of a sample back into a Document and raises `BadSample` with the reason
+`decode_document` turns the raw bytes of a sample back into a Document and raises `BadSample` with the reason
 on anything it cannot trust (bad json, a missing image file, an undecodable PNG), so readers can skip,
 count and log instead of crashing.
 """

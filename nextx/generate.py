@@ -1,8 +1,8 @@
 """Generation: the outer loop walks the sequence, the inner loop refines the current image (docs/design.md §6).
 
 This module holds the *reference* samplers: every step re-runs the whole sequence (no KV cache). They are the
-ground truth the cached samplers are tested against, and they are what the learning proofs use. Samplers are
-free functions that take the model; the t-grid comes from one function, `imm.sampling_times`.
+ground truth the cached samplers are tested against. Samplers are free functions that take the model; the t-grid
+comes from one function, `imm.sampling_times`, and every update from `imm.sampler_step`.
 
 Layouts are the training layouts (`nextx.sequence.layout_document`), so a prompt looks exactly like training:
 
@@ -47,7 +47,7 @@ def _forward(model, b, latents, t, s):
 @torch.no_grad()
 def t2i_reference(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: tuple[int, int],
                   latent_dim: int, steps: int, sampler: str = "pushforward", cfg_scale: float = 1.0,
-                  sigma_d: float = 0.5, T: float = 0.994, eps: float = 0.0, schedule: str = "uniform",
+                  sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX, eps: float = 0.0, schedule: str = "uniform",
                   generator: torch.Generator | None = None, device=None, null_prompt: str = "hidden") -> torch.Tensor:
     """Text-to-image by full recomputation. prompts: B lists of text ids -> latents (B, N, C) float32, N = h*w.
 

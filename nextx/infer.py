@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from nextx import sampling
+from nextx import imm, sampling
 from nextx.documents import Document, Image, Text
 from nextx.sequence import ImageTokens, SpecialIds
 
@@ -61,7 +61,7 @@ class Generator:
     the image sampler."""
 
     def __init__(self, model, text_tok, image_tok, special: SpecialIds | None = None, device=None, *,
-                 sigma_d: float = 0.5, T: float = 0.994, eps: float = 0.0, sampler: str = "pushforward",
+                 sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX, eps: float = 0.0, sampler: str = "pushforward",
                  steps: int = 4, cfg_scale: float = 1.0, null_prompt: str = "hidden"):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()

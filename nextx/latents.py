@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
+from nextx.imm import SIGMA_D
+
 CONFIG_FILE = "config.json"    # {"type": "pixel" | "kl_ae", ...shapes}
 STATS_FILE = "stats.json"      # {"mean": [...], "std": [...], "sigma_d": 0.5, ...provenance}
 WEIGHTS_FILE = "model.safetensors"
-SIGMA_D = 0.5                  # default latent data std (IMMConfig.sigma_d)
 
 
 # ---------------------------------------------------------------------------------------------------------
