@@ -26,9 +26,8 @@ from nextx.config import ModelConfig
 from nextx.generate import t2i_reference
 from nextx.masks import dense_mask
 from nextx.model import NextX
-from nextx.objective import empty_prompt
 from nextx.sampling import t2i
-from nextx.sequence import NOISE, ImageTokens, SpecialIds, collate, layout_document, pack_row
+from nextx.sequence import NOISE, ImageTokens, SpecialIds, apply_null_prompt, collate, layout_document, pack_row
 
 SP = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
 
@@ -70,11 +69,15 @@ def full_lean(model, prompts, *, grid, latent_dim, steps, cfg_scale, device, gen
     L = max(len(d) for d in docs)
     b = collate([pack_row([d], L, SP.pad) for d in docs]).to(device)
     B, rows = len(prompts), (2 if cfg_scale != 1 else 1)
-    ids = torch.cat([b.ids, empty_prompt(b.ids, b.kind, SP)]) if rows == 2 else b.ids
     rep = lambda v: torch.cat([v] * rows)                                                  # noqa: E731
-    kind, pos, pos2d, lat = rep(b.kind), rep(b.pos), rep(b.pos2d), rep(b.latents)
+    ids, kind, pos, mask = b.ids, b.kind, b.pos, dense_mask(b.doc, b.kind, b.split)
+    if rows == 2:                                                     # [conditional; unconditional (null prompt)]
+        u_ids, u_kind, u_doc, u_pos, _ = apply_null_prompt(b.ids, b.kind, b.doc, b.pos, b.doc >= 0, SP)
+        ids, kind, pos = torch.cat([ids, u_ids]), torch.cat([kind, u_kind]), torch.cat([pos, u_pos])
+        mask = torch.cat([mask, dense_mask(u_doc, u_kind, b.split)])
+    pos2d, lat = rep(b.pos2d), rep(b.latents)
     img = torch.cat([b.img, torch.where(b.img >= 0, b.img + B, -1)]) if rows == 2 else b.img
-    mask, noise = rep(dense_mask(b.doc, b.kind, b.split)), kind == NOISE
+    noise = kind == NOISE
     no_text = torch.zeros_like(noise)
     x = (torch.randn((B, N, latent_dim), generator=generator, dtype=torch.float64) * sigma_d).to(device)
     ts = imm.sampling_times(steps)
@@ -85,7 +88,7 @@ def full_lean(model, prompts, *, grid, latent_dim, steps, cfg_scale, device, gen
         out = model(ids, kind, pos, pos2d, lat, img, t, s, mask, text_mask=no_text).latent_out
         G = out[noise].reshape(rows * B, N, latent_dim).double()
         G = G[B:] + cfg_scale * (G[:B] - G[B:]) if rows == 2 else G
-        x = x - (float(ts[i]) - float(ts[i + 1])) * sigma_d * G
+        x = imm.pushforward_step(x, G, float(ts[i]), float(ts[i + 1]), sigma_d)
     return x.float()
 
 
