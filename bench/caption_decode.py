@@ -1,6 +1,6 @@
 """Captioning decode speed vs transformers (not a test): `python bench/caption_decode.py --device cpu|cuda`.
 
-Ours: `nextx.sampling.caption` on random image latents — prefill `<bos> <boi> [N clean tokens] <eoi>` into the KV
+Ours: `nextx.generate.caption` on random image latents — prefill `<bos> <boi> [N clean tokens] <eoi>` into the KV
 cache, then greedy decoding of exactly --new-tokens tokens (<eos> suppressed so every row runs to the end).
 Reference: `transformers.LlamaForCausalLM.generate` with the same dimensions (hidden, layers, heads, kv heads,
 SwiGLU width, vocabulary), randomly initialised, greedy, KV cache, a prompt of the same length (N + 3 ids) and
@@ -18,7 +18,7 @@ import torch
 
 from nextx.config import ModelConfig
 from nextx.model import NextX, ffn_width
-from nextx.sampling import caption
+from nextx.generate import caption
 from nextx.sequence import SpecialIds
 
 SP = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)

@@ -1,10 +1,10 @@
 """Text-to-image latency and throughput (not a test): `python bench/t2i_latency.py --device cpu|cuda`.
 
 Table 1: IMM pushforward at 1/2/4/8 steps vs the flow baseline's Euler sampler at 50 steps, same model, same
-prompts, cached sampler (`nextx.sampling.t2i`), with guidance (one batched [cond; uncond] forward per step).
+prompts, cached sampler (`nextx.generate.t2i`), with guidance (one batched [cond; uncond] forward per step).
 Table 2: cached refinement (prefill once, then only the image's noise split per step) vs full recomputation of the
 whole sequence every step at prompts of 16/256/1024 tokens, 8 steps: the reference sampler
-(`nextx.generate.t2i_reference`, which also rebuilds the mask and runs the LM head every step) and `full_lean`
+(`tests/oracles.t2i_reference`, which also rebuilds the mask and runs the LM head every step) and `full_lean`
 (layout and mask built once, no LM head: the cost of recomputation alone).
 
 A randomly initialised NextX (its latent head perturbed so the latents move): the cost of a forward does not depend
@@ -23,13 +23,23 @@ import torch
 
 from nextx import imm
 from nextx.config import ModelConfig
-from nextx.generate import t2i_reference
 from nextx.masks import dense_mask
 from nextx.model import NextX
-from nextx.sampling import t2i
+from nextx.generate import t2i
 from nextx.sequence import NOISE, ImageTokens, SpecialIds, apply_null_prompt, collate, layout_document, pack_row
 
 SP = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
+
+
+def _oracle_t2i():
+    """The full-recomputation reference sampler, which lives with the tests (tests/oracles.py)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from oracles import t2i_reference
+
+    return t2i_reference
 
 
 def sync(device: str) -> None:
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             res["c"] = t2i(model, pr, SP, steps=8, generator=torch.Generator().manual_seed(0), **kw)
 
         def full():
-            res["f"] = t2i_reference(model, pr, SP, steps=8, generator=torch.Generator().manual_seed(0), **kw)
+            res["f"] = _oracle_t2i()(model, pr, SP, steps=8, generator=torch.Generator().manual_seed(0), **kw)
 
         def lean():
             res["l"] = full_lean(model, pr, steps=8, generator=torch.Generator().manual_seed(0), **kw)

@@ -90,14 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                        torch.Generator().manual_seed(0))
             store = [s[:, :, -n_tok:] for s in store]                         # image queries
         else:
-            from nextx.checkpoint import load_for_inference
-            from nextx.sampling import t2i
+            from nextx.infer import Pipeline
 
-            model, cfg, text_tok, image_tok, special = load_for_inference(a.run, ema=a.ema)
+            pipe = Pipeline.from_run(a.run, ema=a.ema)
+            image_tok = pipe.image_tok
             n_tok = image_tok.grid[0] * image_tok.grid[1]
             with record_attention(n_tok, store):
-                t2i(model, [text_tok.encode(c) for c in PROMPTS], special, grid=image_tok.grid,
-                    latent_dim=image_tok.token_dim, steps=1)
+                pipe.t2i(PROMPTS, steps=1, sampler="pushforward", cfg_scale=1.0)
     if not store:
         raise SystemExit("no attention call over an image was seen (is the model's attention backend sdpa?)")
     for i, probs in enumerate(store):

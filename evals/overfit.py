@@ -47,10 +47,10 @@ def prepare(out: Path, n_images: int, size: int) -> dict[str, Path]:
 
 @torch.no_grad()
 def evaluate(model, text_tok, image_tok, special, docs, *, steps=(1, 2), seed: int = 0) -> tuple[dict, list]:
-    from nextx.sampling import caption, t2i
+    from nextx.infer import Pipeline
     from nextx.latents import pil_to_tensor
 
-    model.eval()
+    pipe = Pipeline(model, text_tok, image_tok, special)                        # puts the model in eval mode
     captions = [d.texts[0] for d in docs]
     truth = pil_to_tensor([d.images[0].pixels for d in docs], image_tok.image_size)        # (n, 3, H, W)
     n = len(docs)
@@ -62,18 +62,13 @@ def evaluate(model, text_tok, image_tok, special, docs, *, steps=(1, 2), seed: i
     others = [float(((truth[i] - truth[j]) ** 2).mean()) for i in range(n) for j in range(n) if i != j]
     report["mse_noise_baseline"] = float(((noise_img - truth) ** 2).mean())
     report["mse_other_image_baseline"] = float(np.mean(others))
-    prompts = [text_tok.encode(c) for c in captions]
     for k in steps:
-        lat = t2i(model, prompts, special, grid=image_tok.grid, latent_dim=image_tok.token_dim, steps=k,
-                            generator=torch.Generator().manual_seed(seed))
-        img = image_tok.decode(lat)
+        img = pipe.t2i(captions, steps=k, cfg_scale=1.0, seed=seed, batch_size=n)
         per = ((img - truth) ** 2).mean(dim=(1, 2, 3))
         report[f"mse_{k}_step"] = float(per.mean())
         report[f"mse_{k}_step_max"] = float(per.max())
         rows.append(to_pil(img))
-    enc = image_tok.encode(truth)
-    ids = caption(model, enc, special, grid=image_tok.grid, max_new_tokens=48)
-    gen_caps = [text_tok.decode(x) for x in ids]
+    gen_caps = pipe.caption(truth, max_new_tokens=48, batch_size=n)
     report["caption_exact_match"] = float(np.mean([a == b for a, b in zip(gen_caps, captions)]))
     report["captions"] = [{"truth": a, "generated": b} for a, b in zip(captions, gen_caps)]
     return report, rows

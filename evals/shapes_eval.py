@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from nextx.infer import grid_image, to_pil
 
@@ -44,11 +43,11 @@ def held_out_docs(cfg, n: int, split: str | None = None, shards: str | None = No
 def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_scale: float, batch: int,
              seed: int, out: Path | None = None, sampler: str | None = None) -> dict:
     from evals.shapes_score import score_captions
-    from nextx.sampling import caption, t2i
+    from nextx.infer import Pipeline
     from nextx.latents import pil_to_tensor
 
-    o = cfg.objective
-    sampler = sampler or ("euler" if o.kind == "flow" else "pushforward")
+    pipe = Pipeline.from_model(model, cfg, text_tok, image_tok, special)
+    sampler = sampler or pipe.sampler
     captions = [d.texts[0] for d in docs]
     shuffled = captions[:]
     random.Random(seed).shuffle(shuffled)
@@ -56,24 +55,14 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     grids: dict[int, list] = {}
     for k in steps_list:
         t0 = time.perf_counter()
-        ims: list = []
-        for i in tqdm(range(0, len(docs), batch), desc=f"t2i {k} step(s)", leave=False):
-            prompts = [text_tok.encode(c) for c in captions[i:i + batch]]
-            lat = t2i(model, prompts, special, grid=image_tok.grid, latent_dim=image_tok.token_dim,
-                                steps=k, sampler=sampler, cfg_scale=cfg_scale, sigma_d=o.sigma_d, T=o.T, eps=o.eps,
-                                null_prompt=o.null_prompt, generator=torch.Generator().manual_seed(seed + i))
-            ims += to_pil(image_tok.decode(lat))
+        ims = to_pil(pipe.t2i(captions, steps=k, sampler=sampler, cfg_scale=cfg_scale, seed=seed, batch_size=batch,
+                              progress=True))
         res["t2i"][k] = {**score_with_chance(ims, captions, seed), "seconds": time.perf_counter() - t0}
         grids[k] = ims
         if out is not None:
             grid_image(ims[:32], cols=8, scale=2).save(out / f"t2i_{k}step.png")
     truth = pil_to_tensor([d.images[0].pixels for d in docs], image_tok.image_size)
-    gen_caps: list[str] = []
-    for i in tqdm(range(0, len(docs), batch), desc="captions", leave=False):
-        ids = caption(model, image_tok.encode(truth[i:i + batch]), special, grid=image_tok.grid,
-                                max_new_tokens=cfg.data.max_text_tokens,
-                                suppress=(special.pad, special.bos, special.boi, special.eoi))
-        gen_caps += [text_tok.decode(x) for x in ids]
+    gen_caps = pipe.caption(truth, max_new_tokens=cfg.data.max_text_tokens, batch_size=batch, progress=True)
     objs = [d.meta["objects"] for d in docs]
     cap = score_captions(gen_caps, objs, captions)
     sh = gen_caps[:]

@@ -1,157 +1,529 @@
-"""Generation: the outer loop walks the sequence, the inner loop refines the current image (docs/design.md §6).
+"""KV-cached, batched generation (docs/design.md §6): prefill, text decoding, few-step image refinement with
+classifier-free guidance, captioning, interleaved text-image documents.
 
-This module holds the *reference* samplers: every step re-runs the whole sequence (no KV cache). They are the
-ground truth the cached samplers are tested against. Samplers are free functions that take the model; the t-grid
-comes from one function, `imm.sampling_times`, and every update from `imm.sampler_step`.
+    x = t2i(model, prompts, special, grid=(h, w), latent_dim=C, steps=4, cfg_scale=1.5)   # (B, N, C) latents
+    ids = caption(model, latents, special, grid=(h, w))                                    # B lists of text ids
+    docs = generate(model, prompts, special, grid=(h, w), force_boi_at=(3,))               # B segment lists
 
-Layouts are the training layouts (`nextx.sequence.layout_document`), so a prompt looks exactly like training:
+`t2i` and `caption` take the arguments of the reference samplers in `tests/oracles.py` (full recomputation of the
+whole sequence at every step) and return the same numbers (tests/test_generate.py measures the difference); this
+module never re-runs a token it has cached. Samplers are free functions of the model.
 
-    text -> image     <bos> caption <boi> [noise split: x_t]            refine x for N steps
-    image -> text     <bos> <boi> [clean split: x] <eoi> t1 t2 ...      decode text greedily / by sampling
+The cache. `Cache` holds the per-layer (k, v) of every row and the layout of every cached token: (doc, kind,
+split) and each row's next 1D position. A forward of new tokens (a "chunk") builds its mask with `cached_mask`:
+the one rule of `nextx.masks` (its `mask_mod`) evaluated on the layout of cache + chunk for the chunk's query rows
+only. That is exactly the last Lq rows of `dense_mask` of the whole sequence (tested), in O(B Lq Lk), not O(B Lk²).
 
-Samplers (docs/imm.md §6), all on x of shape (B, N, C) with ε ~ N(0, σ_d²):
-  pushforward   x ← f(x; s = t_{i+1}, t = t_i) = x − (t_i − t_{i+1})·σ_d·G
-  restart       x̂ = f(x; s = ε, t = t_i); x ← α_{t_{i+1}} x̂ + σ_{t_{i+1}} ε'
-  euler         the flow baseline: the same update as pushforward, but the model sees s = t (as in training)
-Classifier-free guidance: G = G_u + w·(G_c − G_u), the unconditional rows are the conditional ones through
-`sequence.apply_null_prompt` (the training-time CFG dropout), and both run in one batched forward per step.
+Rows of different lengths: PAD tokens, and per-row positions. All rows of the cache have one length; a row with
+fewer real tokens holds PAD tokens (kind PAD, doc -1). By the mask rule a pad sees only itself and no token sees a
+pad, so pads change nothing for real tokens (SDPA gives masked keys exactly zero weight). RoPE positions are not
+the cache index: each row keeps its own position counter, so `<bos>` of every prompt is at position 0 and every
+token gets its training position (docs/design.md §3). Prompts are LEFT-padded at prefill; later chunks of unequal
+length (one row appends a text token while another commits an image) are RIGHT-padded, which leaves pads in the
+middle of a row — harmless for the same reason. The cost is cache slots: the longest prompt, plus N + 1 slots per
+committed image in the rows that did not draw it.
+
+Outer loop (text). Each step samples one token per row from the logits of that row's last real token (greedy,
+temperature, top-k, top-p; stop tokens; max_new_tokens; per-row finished flags) and appends it. Randomness comes
+from one CPU torch.Generator (same seed, same output, on any device). A row whose token is `<boi>` — sampled by
+the model, or forced by the caller (`force_boi_at`) — draws an image.
+
+Inner loop (image). x ~ N(0, σ_d² I), drawn as in the reference (CPU, float64, from the same generator); for
+i = 0..steps-1 only the image's noise split (N tokens at the image's 1D slot, 2D positions (row, col)) runs against
+the cache read-only (use_cache=False), with the t-grid of `imm.sampling_times` and the pushforward / restart /
+euler updates of the reference. The noise split's mask is built once per image. Classifier-free guidance: with
+cfg_scale != 1 the cache holds 2B rows, [conditional; unconditional]; the unconditional rows receive the same
+chunks through `sequence.apply_null_prompt` (the training-time CFG dropout of the whole document: with the default
+"hidden", the text leaves the sequence and later tokens move back, so the cache keeps the unconditional rows' own
+doc ids and position shift), clean images kept. Every chunk and every refinement step is ONE
+batched forward over both halves; G = G_u + w (G_c - G_u).
+
+Commit. The finished image enters the cache through one forward of its clean split followed by `<eoi>`
+(use_cache=True), merged into the next text step of the other rows (no extra call); the logits at `<eoi>` give
+the row's next token. Several images per row, and rows drawing at different steps, work the same way.
+
+Legend: B rows (prompts), L cached tokens, Lq tokens of a chunk, N tokens of an image (h*w), C latent channels,
+V vocabulary.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import contextlib
+import functools
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from nextx import imm
-from nextx.masks import dense_mask
-from nextx.sequence import (NOISE, TEXT, ImageTokens, SpecialIds, apply_null_prompt, collate, layout_document,
-                            pack_row)
+from nextx.masks import mask_mod
+from nextx.sequence import (CLEAN, NOISE, NULL_PROMPTS, PAD, TEXT, ImageTokens, SpecialIds, apply_null_prompt,
+                            layout_document)
 
 SAMPLERS = imm.SAMPLERS
+KV = tuple[torch.Tensor, torch.Tensor]
 
 
-def _rows(layouts, pad_id: int):
-    """Right-pad single-document layouts into one Batch (each document alone in its row)."""
-    L = max(len(d) for d in layouts)
-    return collate([pack_row([d], L, pad_id) for d in layouts])
+# --------------------------------------------------------------------------------------------------------
+# Masks and the cache
 
 
-def _forward(model, b, latents, t, s):
-    mask = dense_mask(b.doc, b.kind, b.split)
-    return model(b.ids, b.kind, b.pos, b.pos2d, latents, b.img, t, s, mask)
+def cached_mask(doc: torch.Tensor, kind: torch.Tensor, split: torch.Tensor, n_new: int) -> torch.Tensor:
+    """(B, L) layout of cache + chunk -> (B, 1, n_new, L) bool: the chunk's queries (the last n_new tokens)
+    against every key, by the rule of `nextx.masks.mask_mod`; equals `dense_mask(doc, kind, split)[:, :, -n_new:]`."""
+    B, L = doc.shape
+    dev = doc.device
+    b = torch.arange(B, device=dev)[:, None, None]                    # (B, 1, 1)
+    q = torch.arange(L - n_new, L, device=dev)[None, :, None]          # (1, Lq, 1)
+    k = torch.arange(L, device=dev)[None, None, :]                     # (1, 1, L)
+    return mask_mod(doc, kind, split)(b, 0, q, k)[:, None]             # (B, 1, Lq, L)
 
 
-@torch.no_grad()
-def t2i_reference(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: tuple[int, int],
-                  latent_dim: int, steps: int, sampler: str = "pushforward", cfg_scale: float = 1.0,
-                  sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX, eps: float = 0.0, schedule: str = "uniform",
-                  generator: torch.Generator | None = None, device=None, null_prompt: str = "hidden") -> torch.Tensor:
-    """Text-to-image by full recomputation. prompts: B lists of text ids -> latents (B, N, C) float32, N = h*w.
+@dataclass
+class Cache:
+    """KV cache of B prompts: `past` per layer (k, v) of shape (B', Hkv, L, hd), B' = 2B with guidance (rows
+    [cond; uncond]); the layout of the B conditional rows (the unconditional rows share it): doc (B, L) int32
+    (0 real, -1 pad), kind (B, L) int8, split (B, L) int32 (clean splits, ids unique in the cache); pos_next (B,)
+    the next 1D position of each row; pad_id the id on pads and image tokens; n_split the next free split id.
+    With guidance: null the null-prompt mode (`objective.null_prompt`), u_doc (B, L) the unconditional rows' doc
+    ids (-1 on hidden text) and u_shift (B,) how far their positions sit behind the conditional rows'."""
 
-    cfg_scale 1 runs no unconditional rows; the noise is drawn on CPU from `generator` (same seed, same output);
-    null_prompt: the unconditional rows' mode (`sequence.apply_null_prompt`)."""
+    past: list[KV] | None
+    doc: torch.Tensor
+    kind: torch.Tensor
+    split: torch.Tensor
+    pos_next: np.ndarray
+    guided: bool
+    pad_id: int
+    n_split: int = 0
+    null: str = "hidden"
+    u_doc: torch.Tensor | None = None
+    u_shift: np.ndarray | None = None
+
+    @classmethod
+    def empty(cls, B: int, guided: bool, pad_id: int, device, null: str = "hidden") -> "Cache":
+        if null not in NULL_PROMPTS:
+            raise ValueError(f"null_prompt must be one of {NULL_PROMPTS}, got {null!r}")
+        z = torch.zeros(B, 0, dtype=torch.int32, device=device)
+        return cls(None, z, z.to(torch.int8), z.clone(), np.zeros(B, np.int64), guided, pad_id, null=null,
+                   u_doc=z.clone() if guided else None, u_shift=np.zeros(B, np.int64) if guided else None)
+
+    @property
+    def rows(self) -> int:
+        return self.doc.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.doc.shape[1]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Chunks: per-row pieces of new tokens -> padded tensors -> one forward that appends to the cache
+
+
+@dataclass
+class _Piece:
+    """New tokens of one row (numpy, length n): ids, kind, split (local id >= 0 on image tokens, -1 on text), pos,
+    pos2d (n, 2), lat (n, C) or None when the piece has no image token."""
+
+    ids: np.ndarray
+    kind: np.ndarray
+    split: np.ndarray
+    pos: np.ndarray
+    pos2d: np.ndarray
+    lat: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _text_piece(tok: int, pos: int) -> _Piece:
+    return _Piece(np.array([tok], np.int64), np.array([TEXT], np.int8), np.array([-1], np.int32),
+                  np.array([pos], np.int64), np.zeros((1, 2), np.int64))
+
+
+def _grid_rc(grid: tuple[int, int]) -> np.ndarray:
+    h, w = grid
+    return np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"), -1).reshape(-1, 2)  # (N, 2) row-major
+
+
+def _image_piece(x: np.ndarray, grid: tuple[int, int], pos: int, special: SpecialIds) -> _Piece:
+    """A finished image x (N, C) as its clean split at the image slot `pos`, then `<eoi>` at pos + 1."""
+    N, C = x.shape
+    return _Piece(ids=np.array([special.pad] * N + [special.eoi], np.int64),
+                  kind=np.array([CLEAN] * N + [TEXT], np.int8), split=np.array([0] * N + [-1], np.int32),
+                  pos=np.array([pos] * N + [pos + 1], np.int64),
+                  pos2d=np.concatenate([_grid_rc(grid), np.zeros((1, 2), np.int64)]),
+                  lat=np.concatenate([x.astype(np.float32), np.zeros((1, C), np.float32)]))
+
+
+def prompt_piece(segments: Sequence, special: SpecialIds, *, open_image: bool = False) -> _Piece:
+    """A prompt (segments: lists of text ids and ImageTokens) laid out as in training (`layout_document`), without
+    the closing `<eos>`; with `open_image`, a `<boi>` is appended (text-to-image). Images in a prompt are context
+    (clean split only): `<boi> [clean] <eoi>`. An empty prompt is `<bos>` alone."""
+    segs = []
+    for seg in segments:
+        if isinstance(seg, ImageTokens):
+            segs.append(ImageTokens(np.asarray(seg.tokens, np.float32), seg.grid, generate=False))
+        elif len(seg):
+            segs.append([int(t) for t in seg])
+    if segs:
+        d = layout_document(segs, special)
+        n = len(d) - 1                                                          # drop the closing <eos>
+        lat = None
+        if d.images:
+            lat = np.zeros((n, d.images[0].tokens.shape[1]), np.float32)
+            img, rc = d.img[:n], d.pos2d[:n]
+            for j, im in enumerate(d.images):
+                at = img == j
+                lat[at] = im.tokens[rc[at, 0] * im.grid[1] + rc[at, 1]]
+        p = _Piece(d.ids[:n], d.kind[:n], d.split[:n], d.pos[:n].astype(np.int64), d.pos2d[:n].astype(np.int64), lat)
+        nxt = int(d.pos[n])
+    else:
+        p, nxt = _text_piece(special.bos, 0), 1
+    if open_image:
+        boi = _text_piece(special.boi, nxt)
+        lat = None if p.lat is None else np.concatenate([p.lat, np.zeros((1, p.lat.shape[1]), np.float32)])
+        cat = [np.concatenate([getattr(p, f), getattr(boi, f)]) for f in ("ids", "kind", "split", "pos", "pos2d")]
+        p = _Piece(*cat, lat=lat)
+    return p
+
+
+def _stack(pieces: Sequence[_Piece | None], latent_dim: int, pad_id: int, split_base: int, left: bool):
+    """Pieces (None = nothing for that row) -> padded (B, Lq) numpy arrays, the index of each row's last real token
+    (-1 if none) and the number of split ids used."""
+    B = len(pieces)
+    n = max((len(p) for p in pieces if p is not None), default=0)
+    a = dict(ids=np.full((B, n), pad_id, np.int64), kind=np.full((B, n), PAD, np.int8),
+             doc=np.full((B, n), -1, np.int32), split=np.full((B, n), -1, np.int32), pos=np.zeros((B, n), np.int64),
+             pos2d=np.zeros((B, n, 2), np.int64), lat=np.zeros((B, n, latent_dim), np.float32))
+    last = np.full(B, -1, np.int64)
+    used = 0
+    for b, p in enumerate(pieces):
+        if p is None or len(p) == 0:
+            continue
+        o = n - len(p) if left else 0
+        sl = slice(o, o + len(p))
+        a["ids"][b, sl], a["kind"][b, sl], a["pos"][b, sl], a["pos2d"][b, sl] = p.ids, p.kind, p.pos, p.pos2d
+        a["doc"][b, sl] = 0
+        a["split"][b, sl] = np.where(p.split >= 0, p.split + split_base, -1)
+        if p.lat is not None:
+            a["lat"][b, sl] = p.lat
+        last[b] = o + len(p) - 1
+        if (p.split >= 0).any():
+            used = max(used, int(p.split.max()) + 1)
+    return a, last, used
+
+
+def _append(model, cache: Cache, pieces: Sequence[_Piece | None], special: SpecialIds, *, left: bool = False,
+            want_logits: bool = True) -> torch.Tensor | None:
+    """Run the pieces (one per row) as one chunk, appending them to the cache (use_cache=True).
+
+    Returns the next-token logits (B, V) float32 at each row's last real token (zeros for rows without a piece),
+    or None when want_logits is False (the LM head is then skipped)."""
+    dev = cache.doc.device
+    a, last, used = _stack(pieces, model.latent_dim, special.pad, cache.n_split, left)
+    B, Lq = a["ids"].shape
+    if Lq == 0:
+        return None
+    t = {k: torch.from_numpy(v).to(dev) for k, v in a.items()}
+    doc = torch.cat([cache.doc, t["doc"]], 1)                                     # (B, L + Lq)
+    kind = torch.cat([cache.kind, t["kind"]], 1)
+    split = torch.cat([cache.split, t["split"]], 1)
+    mask = cached_mask(doc, kind, split, Lq)                                      # (B, 1, Lq, L + Lq)
+    tm = torch.zeros(B, Lq, dtype=torch.bool, device=dev)
+    has = torch.from_numpy(last >= 0)
+    if want_logits:
+        rows = torch.nonzero(has).squeeze(1)
+        tm[rows.to(dev), torch.from_numpy(last[has.numpy()]).to(dev)] = True
+    ids, kq, pos, pos2d, lat = t["ids"], t["kind"], t["pos"], t["pos2d"], t["lat"]
+    if cache.guided:                                                              # rows [cond; uncond]
+        every = torch.ones_like(ids, dtype=torch.bool)
+        u_ids, u_kind, u_doc, u_pos, hidden = apply_null_prompt(ids, kq, t["doc"], pos, every, special, cache.null,
+                                                                torch.from_numpy(cache.u_shift))
+        cache.u_doc = torch.cat([cache.u_doc, u_doc], 1)
+        cache.u_shift = cache.u_shift + hidden.sum(1).cpu().numpy()
+        mask = torch.cat([mask, cached_mask(cache.u_doc, kind, split, Lq)])
+        ids, kq, pos = torch.cat([ids, u_ids]), torch.cat([kq, u_kind]), torch.cat([pos, u_pos])
+        pos2d, lat = (torch.cat([v, v]) for v in (pos2d, lat))
+        tm = torch.cat([tm, torch.zeros_like(tm)])
+    img = torch.full(ids.shape, -1, dtype=torch.int32, device=dev)
+    none = torch.zeros(0, device=dev)
+    out = model(ids, kq, pos, pos2d, lat, img, none, none, mask, past=cache.past, use_cache=True, text_mask=tm)
+    cache.past, cache.doc, cache.kind, cache.split = out.past, doc, kind, split
+    cache.n_split += used
+    for b, p in enumerate(pieces):
+        if p is not None and len(p):
+            cache.pos_next[b] = int(p.pos[-1]) + 1
+    if not want_logits:
+        return None
+    logits = torch.zeros(B, model.vocab_size, device=dev)
+    logits[has.to(dev)] = out.text_logits.float()
+    return logits
+
+
+# --------------------------------------------------------------------------------------------------------
+# The inner loop: refine one image per selected row against the read-only cache
+
+
+def _check_sampler(sampler: str, steps: int) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+
+
+def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, steps: int,
+           sampler: str = "pushforward", cfg_scale: float = 1.0, sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX,
+           eps: float = 0.0, schedule: str = "uniform", generator: torch.Generator | None = None):
+    """Draw one image for each of `rows`, whose cache ends with the image's `<boi>`. -> (x (R, N, C) float32,
+    x0 (R, N, C) float64: the initial noise). The cache is read, never written (the caller commits x)."""
+    _check_sampler(sampler, steps)
+    guide = cfg_scale != 1.0
+    if guide and not cache.guided:
+        raise ValueError("cfg_scale != 1 needs a cache built with guidance (unconditional rows)")
+    dev = cache.doc.device
+    B, R, C = cache.rows, len(rows), model.latent_dim
     N = grid[0] * grid[1]
-    blank = ImageTokens(np.zeros((N, latent_dim), np.float32), grid, generate=True)
-    layouts = [layout_document([list(p), blank] if len(p) else [blank], special) for p in prompts]
-    b = _rows(layouts, special.pad).to(device or "cpu")
-    B = len(prompts)
-    guided = cfg_scale != 1.0
-    if guided:
-        ids, kind, doc, pos, _ = apply_null_prompt(b.ids, b.kind, b.doc, b.pos, b.doc >= 0, special, null_prompt)
-        b = _cat(b, replace(b, ids=ids, kind=kind, doc=doc, pos=pos))  # rows: [conditional; unconditional]
-    noise_tok = b.kind == NOISE                                                      # (B', L)
-    x = torch.randn((B, N, latent_dim), generator=generator, dtype=torch.float64) * sigma_d
-    x = x.to(b.ids.device)
-    ts = imm.sampling_times(steps, T=T, eps=eps, schedule=schedule)                  # (steps+1,) float64
+    sel = list(rows) + ([r + B for r in rows] if guide else [])                  # cache rows of [cond; uncond]
+    R2 = len(sel)
+    if sel == list(range(cache.past[0][0].shape[0])):
+        past = cache.past
+    else:
+        idx = torch.tensor(sel, device=dev)
+        past = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cache.past]
+    lr = torch.tensor(list(rows), device=dev)
+    doc = torch.cat([cache.doc[lr], torch.zeros(R, N, dtype=torch.int32, device=dev)], 1)
+    kind = torch.cat([cache.kind[lr], torch.full((R, N), NOISE, dtype=torch.int8, device=dev)], 1)
+    split = torch.cat([cache.split[lr], torch.full((R, N), cache.n_split, dtype=torch.int32, device=dev)], 1)
+    mask = cached_mask(doc, kind, split, N)                                        # (R, 1, N, L + N), once per image
+    pos = torch.from_numpy(cache.pos_next[list(rows)]).to(dev)[:, None].expand(R, N)
+    if guide:                                                                      # the unconditional rows' layout
+        u_doc = torch.cat([cache.u_doc[lr], doc[:, -N:]], 1)
+        mask = torch.cat([mask, cached_mask(u_doc, kind, split, N)])
+        pos = torch.cat([pos, pos - torch.from_numpy(cache.u_shift[list(rows)]).to(dev)[:, None]])
+    pos2d = torch.from_numpy(_grid_rc(grid)).to(dev).expand(R2, N, 2)
+    ids = torch.full((R2, N), cache.pad_id, dtype=torch.int64, device=dev)
+    kq = torch.full((R2, N), NOISE, dtype=torch.int8, device=dev)
+    img = torch.arange(R2, dtype=torch.int32, device=dev)[:, None].expand(R2, N)
+    no_text = torch.zeros(R2, N, dtype=torch.bool, device=dev)
+
+    x0 = torch.randn((R, N, C), generator=generator, dtype=torch.float64) * sigma_d
+    x = x0.to(dev)
+    ts = imm.sampling_times(steps, T=T, eps=eps, schedule=schedule)               # (steps + 1,) float64
     for i in range(steps):
         t_i, t_next = float(ts[i]), float(ts[i + 1])
         s_model = imm.sampler_s(sampler, t_i, t_next, eps)
-        lat = b.latents.clone()
-        xx = torch.cat([x, x]) if guided else x
-        lat[noise_tok] = xx.float().reshape(-1, latent_dim)
-        n_img = b.n_images
-        t = torch.full((n_img,), t_i, device=x.device)
-        s = torch.full((n_img,), s_model, device=x.device)
-        G = _forward(model, b, lat, t, s).latent_out[noise_tok].reshape(-1, N, latent_dim).double()
-        if guided:
-            G = G[B:] + cfg_scale * (G[:B] - G[B:])
+        xx = torch.cat([x, x]) if guide else x
+        t = torch.full((R2,), t_i, device=dev)
+        s = torch.full((R2,), s_model, device=dev)
+        G = model(ids, kq, pos, pos2d, xx.float(), img, t, s, mask, past=past, text_mask=no_text).latent_out.double()
+        if guide:
+            G = G[R:] + cfg_scale * (G[:R] - G[R:])                                # G_u + w (G_c - G_u)
         e = None
-        if sampler == "restart" and i + 1 < steps:
-            e = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device) * sigma_d
+        if sampler == "restart" and i + 1 < steps:                                 # re-noise with fresh e'
+            e = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(dev) * sigma_d
         x = imm.sampler_step(sampler, x, G, t_i, t_next, eps=eps, sigma_d=sigma_d, noise=e)
-    return x.float()
+    return x.float(), x0
 
 
-def _cat(a, b):
-    """Concatenate two Batches of equal L row-wise (images re-indexed)."""
-    off = a.n_images
-    return replace(a, ids=torch.cat([a.ids, b.ids]), targets=torch.cat([a.targets, b.targets]),
-                   kind=torch.cat([a.kind, b.kind]), doc=torch.cat([a.doc, b.doc]), split=torch.cat([a.split, b.split]),
-                   img=torch.cat([a.img, torch.where(b.img >= 0, b.img + off, b.img)]), pos=torch.cat([a.pos, b.pos]),
-                   pos2d=torch.cat([a.pos2d, b.pos2d]), latents=torch.cat([a.latents, b.latents]),
-                   image_grid=torch.cat([a.image_grid, b.image_grid]),
-                   image_generate=torch.cat([a.image_generate, b.image_generate]))
+# --------------------------------------------------------------------------------------------------------
+# Text sampling
+
+
+def sample_tokens(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> (B,) int64 on CPU. temperature 0: greedy (argmax). Otherwise softmax(logits / temperature)
+    restricted to the top_k most likely tokens (0 = all) and to the smallest set whose probability reaches top_p
+    (1 = all; the most likely token is always kept), sampled on CPU from `generator`."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1).cpu()
+    z = logits / temperature
+    if top_k and top_k < z.shape[-1]:
+        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]                         # (B, 1)
+        z = z.masked_fill(z < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, order = torch.sort(z, dim=-1, descending=True)
+        cum = torch.softmax(srt, -1).cumsum(-1)
+        drop = (cum - torch.softmax(srt, -1)) >= top_p                             # mass before this token >= p
+        z = z.scatter(-1, order, srt.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(z, -1).cpu()
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public samplers
+
+
+def _device(model, device):
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def dense_attention(model):
+    """Run every attention layer on SDPA while sampling: the masks here are dense (B, 1, Lq, Lk) booleans, small
+    for decoding, and a model trained with the flex backend computes the same function on SDPA."""
+    mods = [m for m in model.modules() if getattr(m, "backend", "sdpa") == "flex"]
+    for m in mods:
+        m.backend = "sdpa"
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.backend = "flex"
+
+
+def _on_sdpa(fn):
+    """Decorator: run a sampler `fn(model, ...)` inside `dense_attention(model)`."""
+    @functools.wraps(fn)
+    def wrapped(model, *args, **kwargs):
+        with dense_attention(model):
+            return fn(model, *args, **kwargs)
+    return wrapped
 
 
 @torch.no_grad()
-def caption_reference(model, images: torch.Tensor, special: SpecialIds, *, grid: tuple[int, int],
-                      max_new_tokens: int = 32, temperature: float = 0.0,
-                      generator: torch.Generator | None = None) -> list[list[int]]:
-    """Captioning by full recomputation. images: latents (B, N, C) -> B lists of generated ids (without <eos>).
+@_on_sdpa
+def t2i(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: tuple[int, int], latent_dim: int,
+        steps: int, sampler: str = "pushforward", cfg_scale: float = 1.0, sigma_d: float = imm.SIGMA_D,
+        T: float = imm.T_MAX, eps: float = 0.0, schedule: str = "uniform", generator: torch.Generator | None = None,
+        device=None, null_prompt: str = "hidden") -> torch.Tensor:
+    """Text-to-image, cached. prompts: B lists of text ids (no <bos>) -> latents (B, N, C) float32.
 
-    The image is context (clean split only): `<bos> <boi> [clean] <eoi>`, then text until `<eos>`."""
-    B = images.shape[0]
+    Same arguments and numbers as `tests/oracles.t2i_reference`: prefill `<bos> prompt <boi>` for all rows in one
+    forward (two halves with guidance), then `steps` forwards of the noise splits only."""
+    _check_sampler(sampler, steps)
+    if latent_dim != model.latent_dim:
+        raise ValueError(f"latent_dim={latent_dim} but the model has {model.latent_dim}")
+    cache = Cache.empty(len(prompts), cfg_scale != 1.0, special.pad, _device(model, device), null_prompt)
+    _append(model, cache, [prompt_piece([list(p)], special, open_image=True) for p in prompts], special, left=True,
+            want_logits=False)
+    x, _ = refine(model, cache, list(range(len(prompts))), grid, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                  sigma_d=sigma_d, T=T, eps=eps, schedule=schedule, generator=generator)
+    return x
+
+
+@torch.no_grad()
+def caption(model, images: torch.Tensor, special: SpecialIds, *, grid: tuple[int, int], max_new_tokens: int = 32,
+            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, suppress: Sequence[int] = (),
+            generator: torch.Generator | None = None) -> list[list[int]]:
+    """Captioning, cached. images: latents (B, N, C) -> B lists of generated ids (without <eos>).
+
+    Same arguments and numbers as `tests/oracles.caption_reference` (with suppress=(), top_k=0, top_p=1): the prompt
+    `<bos> <boi> [clean] <eoi>` is prefilled, then text is decoded until <eos>. A sampled `<boi>` is kept as a text
+    id, as the reference does; pass suppress=(boi, ...) to forbid ids."""
     arr = images.detach().cpu().float().numpy()
-    layouts = []
-    for i in range(B):
-        d = layout_document([ImageTokens(arr[i], grid, generate=False)], special)
-        layouts.append(d)
-    device = images.device
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
-    for _ in range(max_new_tokens):
-        rows = []
-        for i, d in enumerate(layouts):
-            rows.append(_extend(d, out[i], special))
-        b = _rows(rows, special.pad).to(device)
-        empty = torch.zeros(b.n_images, device=device)
-        logits = _forward(model, b, b.latents, empty, empty).text_logits                # (B, L, V)
-        last = torch.tensor([len(r) - 1 for r in rows], device=device)
-        nxt_logits = logits[torch.arange(B, device=device), last].float()
-        if temperature > 0:
-            probs = torch.softmax(nxt_logits / temperature, -1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        else:
-            nxt = nxt_logits.argmax(-1).cpu()
-        for i in range(B):
-            if done[i]:
+    prompts = [[ImageTokens(arr[i], grid, generate=False)] for i in range(len(arr))]
+    docs = generate(model, prompts, special, grid=grid, max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_k=top_k, top_p=top_p, suppress=suppress, draw_images=False, generator=generator,
+                    device=images.device)
+    return [[t for seg in d for t in seg] for d in docs]
+
+
+@torch.no_grad()
+@_on_sdpa
+def generate(model, prompts: Sequence[Sequence], special: SpecialIds, *, grid: tuple[int, int],
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             stop: Sequence[int] | None = None, suppress: Sequence[int] = (), force_boi_at: Sequence = (),
+             max_images: int | None = None, draw_images: bool = True, steps: int = 4, sampler: str = "pushforward",
+             cfg_scale: float = 1.0, sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX, eps: float = 0.0,
+             schedule: str = "uniform", generator: torch.Generator | None = None, device=None,
+             trace: dict | None = None, progress: bool = False, null_prompt: str = "hidden") -> list[list]:
+    """Interleaved generation: the outer loop over text tokens and images (module docstring).
+
+    prompts: B lists of segments (lists of text ids, ImageTokens as context). Returns, per row, the NEW segments in
+    order: lists of text ids (with the `<boi>` that opened each image; stop tokens dropped) and images as (N, C)
+    float32 CPU tensors. A row stops at a stop token (default <eos>) or after max_new_tokens sampled tokens (the
+    `<boi>` counts, images do not; an image opened by the last token is still drawn).
+    force_boi_at: indices of a row's sampled tokens (0 = the first) replaced by `<boi>`, the same for every row, or
+    one sequence of indices per row. max_images: per row; then `<boi>` is suppressed. draw_images=False: `<boi>` is
+    an ordinary token (no image). suppress: ids never sampled.
+    trace: a dict to fill with per row "logits" (the (V,) logits of every sampled token) and "noise" (each image's
+    initial noise (N, C) float64), for tests and debugging. null_prompt: the unconditional rows of guidance
+    (`objective.null_prompt` of the run: "hidden", or "pad" for runs trained before it existed).
+    """
+    _check_sampler(sampler, steps)
+    dev = _device(model, device)
+    B = len(prompts)
+    stop_ids = {special.eos} if stop is None else {int(t) for t in stop}
+    cache = Cache.empty(B, draw_images and cfg_scale != 1.0, special.pad, dev, null_prompt)
+    logits = _append(model, cache, [prompt_piece(p, special) for p in prompts], special, left=True)
+    out: list[list] = [[] for _ in range(B)]
+    n_tok, n_img = np.zeros(B, np.int64), np.zeros(B, np.int64)
+    done = np.zeros(B, bool)
+    commit: list[np.ndarray | None] = [None] * B
+    per_row = len(force_boi_at) > 0 and not isinstance(force_boi_at[0], (int, np.integer))
+    if per_row and len(force_boi_at) != B:
+        raise ValueError(f"force_boi_at has {len(force_boi_at)} per-row entries for {B} prompts")
+    force = [{int(i) for i in force_boi_at[b]} for b in range(B)] if per_row else [{int(i) for i in force_boi_at}] * B
+    if trace is not None:
+        trace.setdefault("logits", [[] for _ in range(B)])
+        trace.setdefault("noise", [[] for _ in range(B)])
+    ban = [int(t) for t in suppress]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=max_new_tokens, desc="tokens", leave=False)
+    while True:
+        lg = logits
+        full = draw_images and max_images is not None and bool((n_img >= max_images).any())
+        if ban or full:
+            lg = logits.clone()
+            if ban:
+                lg[:, ban] = float("-inf")
+            if full:
+                lg[torch.from_numpy(n_img >= max_images).to(lg.device), special.boi] = float("-inf")
+        tok = sample_tokens(lg, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        pieces: list[_Piece | None] = [None] * B
+        drawing = []
+        for b in range(B):
+            if done[b]:
                 continue
-            tok = int(nxt[i])
-            if tok == special.eos:
-                done[i] = True
+            if commit[b] is not None:                                  # the image drawn last step enters the cache
+                pieces[b] = _image_piece(commit[b], grid, int(cache.pos_next[b]), special)
+                commit[b] = None
+                continue
+            t = int(tok[b])
+            if draw_images and int(n_tok[b]) in force[b] and (max_images is None or n_img[b] < max_images):
+                t = special.boi
+            if trace is not None:
+                trace["logits"][b].append(logits[b].cpu())
+            if t in stop_ids:
+                done[b] = True
+                continue
+            if out[b] and isinstance(out[b][-1], list):
+                out[b][-1].append(t)
             else:
-                out[i].append(tok)
-        if all(done):
+                out[b].append([t])
+            n_tok[b] += 1
+            if draw_images and t == special.boi:
+                drawing.append(b)
+            elif n_tok[b] >= max_new_tokens:
+                done[b] = True
+                continue
+            pieces[b] = _text_piece(t, int(cache.pos_next[b]))
+        if bar is not None:
+            bar.n = int(n_tok.max())
+            bar.refresh()
+        if all(p is None for p in pieces):
             break
+        logits = _append(model, cache, pieces, special)
+        if drawing:
+            x, x0 = refine(model, cache, drawing, grid, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                           sigma_d=sigma_d, T=T, eps=eps, schedule=schedule, generator=generator)
+            x = x.cpu()
+            for j, b in enumerate(drawing):
+                out[b].append(x[j])
+                n_img[b] += 1
+                if trace is not None:
+                    trace["noise"][b].append(x0[j])
+                if n_tok[b] >= max_new_tokens:
+                    done[b] = True                                     # nothing follows: no clean split needed
+                else:
+                    commit[b] = x[j].numpy()
+    if bar is not None:
+        bar.close()
     return out
-
-
-def _extend(d, new_ids: list[int], special: SpecialIds):
-    """A captioning layout `<bos> <boi> [clean] <eoi> <eos>` with its `<eos>` replaced by the ids decoded so far."""
-    keep = len(d) - 1  # drop the closing <eos>
-    n = len(new_ids)
-    p0 = int(d.pos[keep - 1]) + 1
-    return replace(d, ids=np.concatenate([d.ids[:keep], np.asarray(new_ids, np.int64)]),
-                   targets=np.concatenate([d.targets[:keep], np.full(n, -100, np.int64)]),
-                   kind=np.concatenate([d.kind[:keep], np.full(n, TEXT, np.int8)]),
-                   split=np.concatenate([d.split[:keep], np.full(n, -1, np.int32)]),
-                   img=np.concatenate([d.img[:keep], np.full(n, -1, np.int32)]),
-                   pos=np.concatenate([d.pos[:keep], np.arange(p0, p0 + n, dtype=np.int32)]),
-                   pos2d=np.concatenate([d.pos2d[:keep], np.zeros((n, 2), np.int32)]))

@@ -1,12 +1,12 @@
-"""The inference API and the `nextx t2i | caption | generate` commands: a thin layer over `nextx.sampling`.
+"""The inference API and the `nextx t2i | caption | generate` commands: a thin layer over `nextx.generate`.
 
-    g = Generator.load("runs/tiny", device="cuda")                              # an exported run / checkpoint
+    g = Pipeline.from_run("runs/tiny", device="cuda")                           # an exported run / checkpoint
     images = g.t2i(["a red circle", "two blue squares"], steps=4, cfg_scale=1.5)  # (B, 3, H, W) in [0, 1]
     captions = g.caption(images)                                                 # list[str]
     doc = g.generate("a red circle", max_new_tokens=32, force_images=(0,))       # Document of Text/Image segments
 
-`Generator` turns strings and pixels into ids and latents (the run's text and image tokenizers) and back; the
-sampling itself is `sampling.t2i / caption / generate`. The defaults come from the run's config: σ_d, T, ε of
+`Pipeline` turns strings and pixels into ids and latents (the run's text and image tokenizers) and back; the
+sampling itself is `generate.t2i / caption / generate`. The defaults come from the run's config: σ_d, T, ε of
 the objective; sampler `euler` at 50 steps for a flow-baseline run, `pushforward` at 4 steps for IMM; guidance
 1.5 (docs/imm.md §5) when the run was trained with CFG dropout, else 1. Batches run with generator seed
 `seed + index of the batch's first item`, so the same seed and batch size give the same output.
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from nextx import imm, sampling
+from nextx import generate, imm
 from nextx.documents import Document, Image, Text
 from nextx.sequence import ImageTokens, SpecialIds
 
@@ -53,7 +53,7 @@ def grid_image(ims: list[PILImage.Image], cols: int = 8, scale: int = 1) -> PILI
     return g
 
 
-class Generator:
+class Pipeline:
     """Text-to-image, captioning and interleaved generation with one model (see the module docstring).
 
     model: a NextX in eval mode; text_tok / image_tok: the run's tokenizers; special: their SpecialIds (from
@@ -72,12 +72,20 @@ class Generator:
         self.null_prompt = null_prompt
 
     @classmethod
-    def load(cls, run, device="cpu", *, ema: bool = False) -> "Generator":
+    def from_run(cls, run, device="cpu", *, ema: bool = False) -> "Pipeline":
         """From a run dir (its latest export), an export or checkpoint step dir (`checkpoint.load_for_inference`);
         ema=True: the export's EMA weights."""
         from nextx.checkpoint import load_for_inference
 
         model, cfg, text_tok, image_tok, special = load_for_inference(run, device, ema=ema)
+        return cls.from_model(model, cfg, text_tok, image_tok, special, device)
+
+    @classmethod
+    def from_model(cls, model, cfg, text_tok, image_tok, special: SpecialIds | None = None,
+                   device=None) -> "Pipeline":
+        """A model in memory with its run config (the trainer's sample grids, the evals): the objective's sigma_d,
+        T, eps and null prompt; Euler at 50 steps for a flow run, pushforward at 4 for IMM; guidance 1.5 when the
+        run was trained with CFG dropout. The model is put in eval mode (a caller that trains restores it)."""
         o = cfg.objective
         flow = o.kind == "flow"
         return cls(model, text_tok, image_tok, special, device, sigma_d=o.sigma_d, T=o.T, eps=o.eps,
@@ -108,7 +116,7 @@ class Generator:
         out = []
         for i in tqdm(range(0, len(prompts), batch_size), desc="t2i", disable=not progress):
             ids = [self.text_tok.encode(p) for p in prompts[i:i + batch_size]]
-            lat = sampling.t2i(self.model, ids, self.special, grid=self.image_tok.grid,
+            lat = generate.t2i(self.model, ids, self.special, grid=self.image_tok.grid,
                                latent_dim=self.image_tok.token_dim, generator=torch.Generator().manual_seed(seed + i),
                                **kw)
             out.append(self.image_tok.decode(lat).cpu())
@@ -125,7 +133,7 @@ class Generator:
         sp = self.special
         caps: list[str] = []
         for i in tqdm(range(0, len(px), batch_size), desc="caption", disable=not progress):
-            ids = sampling.caption(self.model, self.image_tok.encode(px[i:i + batch_size]), sp,
+            ids = generate.caption(self.model, self.image_tok.encode(px[i:i + batch_size]), sp,
                                    grid=self.image_tok.grid, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_k=top_k, top_p=top_p, suppress=(sp.pad, sp.bos, sp.boi, sp.eoi),
                                    generator=torch.Generator().manual_seed(seed + i))
@@ -154,7 +162,7 @@ class Generator:
         one Document per prompt holding the NEW segments (Text, and Image with pixels and latents);
         `meta["prompt"]` keeps the prompt. force_images: indices of sampled tokens replaced by <boi>."""
         sp = self.special
-        docs = sampling.generate(
+        docs = generate.generate(
             self.model, [self._prompt_segments(p) for p in prompts], sp, grid=self.image_tok.grid,
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             suppress=(sp.pad, sp.bos, sp.eoi), force_boi_at=force_images, max_images=max_images,
@@ -194,7 +202,7 @@ def _common(p: argparse.ArgumentParser, image: bool) -> None:
                        help="refinement steps per image (default: 4 for IMM runs, 50 for flow runs)")
         p.add_argument("--cfg-scale", type=float, default=None,
                        help="guidance scale w (default 1.5 if the run trained with CFG dropout, else 1 = off)")
-        p.add_argument("--sampler", default=None, choices=sampling.SAMPLERS,
+        p.add_argument("--sampler", default=None, choices=generate.SAMPLERS,
                        help="default: pushforward (IMM runs), euler (flow runs)")
         p.add_argument("--schedule", default="uniform", choices=["uniform", "edm"], help="t-grid (docs/imm.md §6)")
 
@@ -206,7 +214,7 @@ def _text_opts(p: argparse.ArgumentParser, max_new: int, temperature: float) -> 
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
 
 
-def _settings(g: Generator, a: argparse.Namespace, image: bool) -> dict:
+def _settings(g: Pipeline, a: argparse.Namespace, image: bool) -> dict:
     s = {"run": str(a.run), "ema": a.ema, "device": str(g.device), "seed": a.seed}
     if image:
         s.update(steps=a.steps or g.steps, cfg_scale=g.cfg_scale if a.cfg_scale is None else a.cfg_scale,
@@ -226,7 +234,7 @@ def t2i_main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-cols", type=int, default=8)
     a = p.parse_args(argv)
     prompts = a.prompt or [ln.strip() for ln in Path(a.prompts_file).read_text().splitlines() if ln.strip()]
-    g = Generator.load(a.run, a.device, ema=a.ema)
+    g = Pipeline.from_run(a.run, a.device, ema=a.ema)
     t0 = time.perf_counter()
     px = g.t2i(prompts, steps=a.steps, cfg_scale=a.cfg_scale, sampler=a.sampler, schedule=a.schedule, seed=a.seed,
                batch_size=a.batch_size, progress=True)
@@ -257,7 +265,7 @@ def caption_main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     _text_opts(p, max_new=48, temperature=0.0)
     a = p.parse_args(argv)
-    g = Generator.load(a.run, a.device, ema=a.ema)
+    g = Pipeline.from_run(a.run, a.device, ema=a.ema)
     pil = []
     for f in a.images:
         with PILImage.open(f) as im:
@@ -296,7 +304,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-images", type=int, default=4)
     _text_opts(p, max_new=128, temperature=0.0)
     a = p.parse_args(argv)
-    g = Generator.load(a.run, a.device, ema=a.ema)
+    g = Pipeline.from_run(a.run, a.device, ema=a.ema)
     prompt: list = []
     for f in a.image:
         with PILImage.open(f) as im:

@@ -125,7 +125,7 @@ def image_splits(sel: torch.Tensor, pos2d: torch.Tensor) -> list[tuple[torch.Ten
     """Selected image tokens -> whole splits grouped by grid size: [(idx (n, h*w) flat token indices, h, w), ...].
 
     sel (B, L) bool (e.g. kind == NOISE), pos2d (B, L, 2). Every split lists its tokens contiguously in row-major
-    grid order (sequence.py, sampling.py), so a split starts at each selected token with (row, col) = (0, 0) and
+    grid order (sequence.py, generate.py), so a split starts at each selected token with (row, col) = (0, 0) and
     its last token is (h - 1, w - 1). E.g. sel = [T, T, T, T, F, T, T] with (r, c) = 00 01 10 11 . 00 01 is two
     splits of grids 2x2 (flat 0-3) and 1x2 (5-6). Raises ValueError for a split that is not whole."""
     B, L = sel.shape

@@ -123,22 +123,17 @@ def sample_grid(model, cfg: Config, examples, text_tok, image_tok, special, out:
     the fixed images). Every rank runs it under ZeRO-3 (gathers are collective); rank 0 writes."""
     from PIL import Image as PILImage
 
-    from nextx.sampling import caption, t2i
+    from nextx.infer import Pipeline
 
     caps, lats = examples
     if not caps:
         return
     was = model.training
-    model.eval()
+    pipe = Pipeline.from_model(model, cfg, text_tok, image_tok, special, device)   # eval mode; restored below
     rows = [image_tok.decode(lats)]
-    prompts = [text_tok.encode(c) for c in caps]
-    for k in (1, 2, 4, 8):  # the KV-cached samplers (nextx.sampling) run flex-trained models on SDPA themselves
-        x = t2i(model, prompts, special, grid=image_tok.grid, latent_dim=image_tok.token_dim, steps=k,
-                sigma_d=cfg.objective.sigma_d, T=cfg.objective.T, eps=cfg.objective.eps,
-                generator=torch.Generator().manual_seed(0), device=device)
-        rows.append(image_tok.decode(x.cpu()))
-    ids = caption(model, lats.to(device), special, grid=image_tok.grid, max_new_tokens=cfg.data.max_text_tokens,
-                  suppress=(special.pad, special.bos, special.boi, special.eoi))
+    for k in (1, 2, 4, 8):  # the KV-cached samplers (nextx.generate) run flex-trained models on SDPA themselves
+        rows.append(pipe.t2i(caps, steps=k, cfg_scale=1.0, seed=0, batch_size=len(caps)))
+    gen_caps = pipe.caption(rows[0], max_new_tokens=cfg.data.max_text_tokens, batch_size=len(caps))
     model.train(was)
     if _rank() != 0:
         return
@@ -156,7 +151,7 @@ def sample_grid(model, cfg: Config, examples, text_tok, image_tok, special, out:
         d / f"step_{step:07d}.png")
     (d / f"step_{step:07d}.json").write_text(json.dumps(
         {"step": step, "rows": ["truth", "1 step", "2 steps", "4 steps", "8 steps"], "prompts": caps,
-         "captions": [{"truth": t, "generated": text_tok.decode(g)} for t, g in zip(caps, ids)]}, indent=2))
+         "captions": [{"truth": t, "generated": g} for t, g in zip(caps, gen_caps)]}, indent=2))
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Cached generation (nextx.sampling) against the full-recomputation reference samplers (nextx.generate); text
+"""Cached generation (nextx.generate) against the full-recomputation reference samplers (tests/oracles.py); text
 sampling; interleaved documents; the inference API and the t2i / caption / generate commands. CPU, tiny dims."""
 
 import copy
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from nextx import sampling
+from nextx import generate
 from nextx.config import ModelConfig
-from nextx.generate import caption_reference, t2i_reference
 from nextx.masks import check_layout, dense_mask
 from nextx.model import NextX
+from oracles import caption_reference, t2i_reference
 from nextx.sequence import (CLEAN, NOISE, PAD, TEXT, ImageTokens, SpecialIds, apply_null_prompt, collate,
                             layout_document, pack_row)
 
@@ -77,19 +77,19 @@ def test_cached_mask_is_the_last_rows_of_dense_mask():
             sid += 1
         for n_new in (1, 3, L):
             ref = dense_mask(doc, kind, split)[:, :, -n_new:]
-            assert torch.equal(sampling.cached_mask(doc, kind, split, n_new), ref)
+            assert torch.equal(generate.cached_mask(doc, kind, split, n_new), ref)
 
 
 # ---- cached == reference
 
 
-@pytest.mark.parametrize("sampler", sampling.SAMPLERS)
+@pytest.mark.parametrize("sampler", generate.SAMPLERS)
 @pytest.mark.parametrize("cfg_scale,null", [(1.0, "hidden"), (2.0, "hidden"), (2.0, "pad")])
 @pytest.mark.parametrize("prompts", [[[5, 6, 7]], MIXED], ids=["b1", "mixed"])
 def test_t2i_cached_equals_reference(model, sampler, cfg_scale, null, prompts):
     kw = dict(grid=GRID, latent_dim=C, steps=3, sampler=sampler, cfg_scale=cfg_scale, null_prompt=null)
     ref = t2i_reference(model, prompts, SP, generator=gen(1), **kw)
-    out = sampling.t2i(model, prompts, SP, generator=gen(1), **kw)
+    out = generate.t2i(model, prompts, SP, generator=gen(1), **kw)
     assert out.shape == (len(prompts), N, C) and ref.abs().max() > 0.1
     err = (out - ref).abs().max()
     _note(f"t2i latents ({'cfg' if cfg_scale != 1 else 'no cfg'}, {'B=1' if len(prompts) == 1 else 'mixed'})", err)
@@ -103,14 +103,14 @@ def test_hidden_null_prompt_is_the_empty_caption(model, sampler):
     caption's length shows through."""
     prompts = [[5], [6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16]]
     kw = dict(grid=GRID, latent_dim=C, steps=2, sampler=sampler)
-    empty = sampling.t2i(model, [[]] * 3, SP, generator=gen(4), **kw)
-    for fn in (sampling.t2i, t2i_reference):
+    empty = generate.t2i(model, [[]] * 3, SP, generator=gen(4), **kw)
+    for fn in (generate.t2i, t2i_reference):
         hidden = fn(model, prompts, SP, generator=gen(4), cfg_scale=0.0, **kw)
         assert (hidden - empty).abs().max() < TOL
-    pad = sampling.t2i(model, prompts, SP, generator=gen(4), cfg_scale=0.0, null_prompt="pad", **kw)
+    pad = generate.t2i(model, prompts, SP, generator=gen(4), cfg_scale=0.0, null_prompt="pad", **kw)
     assert (pad - empty).abs().max() > 100 * TOL
     with pytest.raises(ValueError, match="null_prompt"):
-        sampling.t2i(model, prompts, SP, cfg_scale=2.0, null_prompt="none", **kw)
+        generate.t2i(model, prompts, SP, cfg_scale=2.0, null_prompt="none", **kw)
 
 
 @pytest.mark.parametrize("kw", [dict(pos2d="sincos"), dict(pos2d="none"), dict(latent_conv=3),
@@ -119,7 +119,7 @@ def test_hidden_null_prompt_is_the_empty_caption(model, sampler):
 def test_t2i_cached_equals_reference_other_2d_positions(kw):
     m = tiny_model(1, **kw)
     kw = dict(grid=GRID, latent_dim=C, steps=2, cfg_scale=1.5)
-    err = (sampling.t2i(m, MIXED, SP, generator=gen(2), **kw) - t2i_reference(m, MIXED, SP, generator=gen(2), **kw))
+    err = (generate.t2i(m, MIXED, SP, generator=gen(2), **kw) - t2i_reference(m, MIXED, SP, generator=gen(2), **kw))
     assert err.abs().max() < TOL
 
 
@@ -127,9 +127,9 @@ def test_flex_model_samples_on_sdpa(model):
     """A model configured for flex attention samples on SDPA (dense masks), with the same numbers."""
     m = tiny_model(attention="flex")
     kw = dict(grid=GRID, latent_dim=C, steps=2, cfg_scale=1.5, generator=None)
-    a = sampling.t2i(m, MIXED, SP, **{**kw, "generator": gen(0)})
+    a = generate.t2i(m, MIXED, SP, **{**kw, "generator": gen(0)})
     assert all(blk.self_attn.backend == "flex" for blk in m.layers)          # restored afterwards
-    b = sampling.t2i(model, MIXED, SP, **{**kw, "generator": gen(0)})
+    b = generate.t2i(model, MIXED, SP, **{**kw, "generator": gen(0)})
     assert torch.equal(a, b)
 
 
@@ -138,7 +138,7 @@ def test_flex_model_samples_on_sdpa(model):
 def test_caption_cached_equals_reference(model, temperature, B):
     imgs = torch.randn(B, N, C, generator=gen(B)) * 0.5
     ref = caption_reference(model, imgs, SP, grid=GRID, max_new_tokens=10, temperature=temperature, generator=gen(3))
-    out = sampling.caption(model, imgs, SP, grid=GRID, max_new_tokens=10, temperature=temperature, generator=gen(3))
+    out = generate.caption(model, imgs, SP, grid=GRID, max_new_tokens=10, temperature=temperature, generator=gen(3))
     assert out == ref
 
 
@@ -204,7 +204,7 @@ def test_interleaved_cached_equals_recomputation(model, cfg_scale, conv):
     ctx = ImageTokens(np.random.default_rng(0).normal(0, .5, (N, C)).astype(np.float32), GRID, generate=False)
     prompts = [[[5, 6]], [[7, 8, 9, 10, 11, 12, 13]], [ctx, [14]]]
     trace: dict = {}
-    docs = sampling.generate(model, prompts, SP, grid=GRID, max_new_tokens=7, steps=2,
+    docs = generate.generate(model, prompts, SP, grid=GRID, max_new_tokens=7, steps=2,
                              force_boi_at=[(1, 4), (0, 2), (3, 5)],
                              cfg_scale=cfg_scale, suppress=(SP.eos, SP.boi, SP.eoi), generator=gen(0), trace=trace)
     for b, (prompt, new) in enumerate(zip(prompts, docs)):
@@ -238,7 +238,7 @@ def test_interleaved_cached_equals_recomputation(model, cfg_scale, conv):
                          ids=["b1", "mixed"])
 def test_text_only_cached_equals_recomputation(model, prompts):
     trace: dict = {}
-    docs = sampling.generate(model, prompts, SP, grid=GRID, max_new_tokens=12, draw_images=False, generator=gen(0),
+    docs = generate.generate(model, prompts, SP, grid=GRID, max_new_tokens=12, draw_images=False, generator=gen(0),
                              trace=trace, temperature=0.0)
     for b, (p, new) in enumerate(zip(prompts, docs)):
         ids = [t for s in new for t in s]
@@ -257,33 +257,33 @@ def test_text_only_cached_equals_recomputation(model, prompts):
 def test_same_seed_same_output(model):
     kw = dict(grid=GRID, max_new_tokens=8, temperature=1.0, top_k=20, top_p=0.9, steps=2, sampler="restart",
               cfg_scale=1.5, force_boi_at=(2,), suppress=(SP.eoi,))
-    a = sampling.generate(model, [[[5, 6]], [[7]]], SP, generator=gen(7), **kw)
-    b = sampling.generate(model, [[[5, 6]], [[7]]], SP, generator=gen(7), **kw)
-    c = sampling.generate(model, [[[5, 6]], [[7]]], SP, generator=gen(8), **kw)
+    a = generate.generate(model, [[[5, 6]], [[7]]], SP, generator=gen(7), **kw)
+    b = generate.generate(model, [[[5, 6]], [[7]]], SP, generator=gen(7), **kw)
+    c = generate.generate(model, [[[5, 6]], [[7]]], SP, generator=gen(8), **kw)
 
     def flat(docs):
         return [[s.tolist() if isinstance(s, torch.Tensor) else s for s in d] for d in docs]
 
     assert flat(a) == flat(b) and flat(a) != flat(c)
-    x1 = sampling.t2i(model, MIXED, SP, grid=GRID, latent_dim=C, steps=2, sampler="restart", generator=gen(4))
-    x2 = sampling.t2i(model, MIXED, SP, grid=GRID, latent_dim=C, steps=2, sampler="restart", generator=gen(4))
+    x1 = generate.t2i(model, MIXED, SP, grid=GRID, latent_dim=C, steps=2, sampler="restart", generator=gen(4))
+    x2 = generate.t2i(model, MIXED, SP, grid=GRID, latent_dim=C, steps=2, sampler="restart", generator=gen(4))
     assert torch.equal(x1, x2)
 
 
 def test_sample_tokens_filters():
     logits = torch.randn(4, V, generator=gen(0))
     greedy = logits.argmax(-1)
-    assert torch.equal(sampling.sample_tokens(logits), greedy)
-    assert torch.equal(sampling.sample_tokens(logits, temperature=1.0, top_k=1, generator=gen(1)), greedy)
-    assert torch.equal(sampling.sample_tokens(logits, temperature=1.0, top_p=1e-6, generator=gen(1)), greedy)
+    assert torch.equal(generate.sample_tokens(logits), greedy)
+    assert torch.equal(generate.sample_tokens(logits, temperature=1.0, top_k=1, generator=gen(1)), greedy)
+    assert torch.equal(generate.sample_tokens(logits, temperature=1.0, top_p=1e-6, generator=gen(1)), greedy)
     top3 = logits.topk(3, -1).indices
     g = gen(2)
     for _ in range(20):
-        t = sampling.sample_tokens(logits, temperature=2.0, top_k=3, generator=g)
+        t = generate.sample_tokens(logits, temperature=2.0, top_k=3, generator=g)
         assert all(int(t[i]) in top3[i].tolist() for i in range(4))
     # top_p keeps the smallest prefix (by probability) whose mass reaches p
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    seen = {int(sampling.sample_tokens(probs.log(), temperature=1.0, top_p=0.7, generator=g)) for _ in range(200)}
+    seen = {int(generate.sample_tokens(probs.log(), temperature=1.0, top_p=0.7, generator=g)) for _ in range(200)}
     assert seen == {0, 1}
 
 
@@ -294,7 +294,7 @@ def test_lm_head_bias_draws_two_images_between_text(model):
     bias = torch.zeros(V)
     bias[SP.boi] = 100.0
     m.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
-    docs = sampling.generate(m, [[[5, 6]], [[7, 8, 9, 10]]], SP, grid=GRID, max_new_tokens=5, max_images=2, steps=2,
+    docs = generate.generate(m, [[[5, 6]], [[7, 8, 9, 10]]], SP, grid=GRID, max_new_tokens=5, max_images=2, steps=2,
                              cfg_scale=1.5, suppress=(SP.eos, SP.eoi, SP.pad, SP.bos), generator=gen(0))
     for new in docs:
         kinds = [type(s).__name__ for s in new]
@@ -311,12 +311,12 @@ def test_stop_and_max_tokens(model):
     bias = torch.zeros(V)
     bias[SP.eos] = 100.0
     h = m.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
-    assert sampling.generate(m, [[[5]], [[6, 7]]], SP, grid=GRID, max_new_tokens=4) == [[], []]
+    assert generate.generate(m, [[[5]], [[6, 7]]], SP, grid=GRID, max_new_tokens=4) == [[], []]
     h.remove()
-    docs = sampling.generate(m, [[[5]], [[6, 7]]], SP, grid=GRID, max_new_tokens=4, suppress=(SP.eos, SP.boi))
+    docs = generate.generate(m, [[[5]], [[6, 7]]], SP, grid=GRID, max_new_tokens=4, suppress=(SP.eos, SP.boi))
     assert [sum(len(s) for s in d) for d in docs] == [4, 4]
     # a <boi> as the last allowed token still draws its image (and commits nothing)
-    docs = sampling.generate(m, [[[5]]], SP, grid=GRID, max_new_tokens=2, force_boi_at=(1,), steps=1,
+    docs = generate.generate(m, [[[5]]], SP, grid=GRID, max_new_tokens=2, force_boi_at=(1,), steps=1,
                              suppress=(SP.eos, SP.boi))
     assert len(docs[0]) == 2 and docs[0][0][-1] == SP.boi and docs[0][1].shape == (N, C)
 
@@ -368,8 +368,8 @@ def test_inference_imports_nothing_from_training(run_dir):
 
     code = f"""
 import sys
-from nextx.infer import Generator
-g = Generator.load({str(run_dir / "r")!r})
+from nextx.infer import Pipeline
+g = Pipeline.from_run({str(run_dir / "r")!r})
 g.t2i(["a red circle"], steps=2, cfg_scale=2.0)
 from PIL import Image
 g.caption([Image.open({str(run_dir / "in0.png")!r})], max_new_tokens=3)
@@ -384,9 +384,9 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in {{"deepspeed", "webdat
 
 def test_api_t2i_caption_generate(run_dir):
     from nextx.documents import Image, Text
-    from nextx.infer import Generator
+    from nextx.infer import Pipeline
 
-    g = Generator.load(run_dir / "r")
+    g = Pipeline.from_run(run_dir / "r")
     assert (g.cfg_scale, g.sampler, g.steps) == (1.5, "pushforward", 4)  # tiny.yaml: IMM with CFG dropout
     ims = g.t2i(["a red circle", "blue", ""], steps=2, seed=0, batch_size=2)
     assert ims.shape == (3, 3, 8, 8) and 0 <= float(ims.min()) and float(ims.max()) <= 1

@@ -12,8 +12,8 @@ the reference by recomputation) must give these numbers; x_0 and e_i are the gen
 import pytest
 import torch
 
-from nextx import sampling
-from nextx.generate import t2i_reference
+from nextx import generate
+from oracles import t2i_reference
 from nextx.model import ModelOutput
 from nextx.sequence import SpecialIds
 
@@ -51,7 +51,7 @@ def _draws(n_steps, seed, restart):
     return x0, e
 
 
-@pytest.mark.parametrize("fn", [sampling.t2i, t2i_reference], ids=["cached", "reference"])
+@pytest.mark.parametrize("fn", [generate.t2i, t2i_reference], ids=["cached", "reference"])
 @pytest.mark.parametrize("sampler", ["pushforward", "euler", "restart"])
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 def test_constant_G_pinned(fn, sampler, n):
