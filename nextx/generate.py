@@ -5,42 +5,27 @@ classifier-free guidance, captioning, interleaved text-image documents.
     ids = caption(model, latents, special, grid=(h, w))                                    # B lists of text ids
     docs = generate(model, prompts, special, grid=(h, w), force_boi_at=(3,))               # B segment lists
 
-`t2i` and `caption` take the arguments of the reference samplers in `tests/oracles.py` (full recomputation of the
-whole sequence at every step) and return the same numbers (tests/test_generate.py measures the difference); this
-module never re-runs a token it has cached. Samplers are free functions of the model.
+`t2i` and `caption` take the arguments of the reference samplers in `tests/oracles.py` (full recomputation at every
+step) and return the same numbers (tests/test_generate.py); this module never re-runs a token it has cached.
 
 The cache. `Cache` holds the per-layer (k, v) of every row and the layout of every cached token: (doc, kind,
 split) and each row's next 1D position. A forward of new tokens (a "chunk") builds its mask with `cached_mask`:
 the one rule of `nextx.masks` (its `mask_mod`) evaluated on the layout of cache + chunk for the chunk's query rows
 only. That is exactly the last Lq rows of `dense_mask` of the whole sequence (tested), in O(B Lq Lk), not O(B Lk²).
 
-Rows of different lengths: PAD tokens, and per-row positions. All rows of the cache have one length; a row with
-fewer real tokens holds PAD tokens (kind PAD, doc -1). By the mask rule a pad sees only itself and no token sees a
-pad, so pads change nothing for real tokens (SDPA gives masked keys exactly zero weight). RoPE positions are not
-the cache index: each row keeps its own position counter, so `<bos>` of every prompt is at position 0 and every
+Rows of different lengths: all rows of the cache have one length, a shorter row holds PAD tokens (doc -1), which
+by the mask rule see only themselves and are seen by no token. Positions are per row, not the cache index: every
 token gets its training position (docs/design.md §3). Prompts are LEFT-padded at prefill; later chunks of unequal
-length (one row appends a text token while another commits an image) are RIGHT-padded, which leaves pads in the
-middle of a row — harmless for the same reason. The cost is cache slots: the longest prompt, plus N + 1 slots per
-committed image in the rows that did not draw it.
+length (a text token in one row, a committed image in another) are RIGHT-padded, leaving harmless pads mid-row.
+The cost is cache slots: the longest prompt, plus N + 1 slots per committed image in the rows that did not draw it.
 
-Outer loop (text). Each step samples one token per row from the logits of that row's last real token (greedy,
-temperature, top-k, top-p; stop tokens; max_new_tokens; per-row finished flags) and appends it. Randomness comes
-from one CPU torch.Generator (same seed, same output, on any device). A row whose token is `<boi>` — sampled by
-the model, or forced by the caller (`force_boi_at`) — draws an image.
-
-Inner loop (image). x ~ N(0, σ_d² I), drawn as in the reference (CPU, float64, from the same generator); for
-i = 0..steps-1 only the image's noise split (N tokens at the image's 1D slot, 2D positions (row, col)) runs against
-the cache read-only (use_cache=False), with the t-grid of `imm.sampling_times` and the pushforward / restart /
-euler updates of the reference. The noise split's mask is built once per image. Classifier-free guidance: with
-cfg_scale != 1 the cache holds 2B rows, [conditional; unconditional]; the unconditional rows receive the same
-chunks through `sequence.apply_null_prompt` (the training-time CFG dropout of the whole document: with the default
-"hidden", the text leaves the sequence and later tokens move back, so the cache keeps the unconditional rows' own
-doc ids and position shift), clean images kept. Every chunk and every refinement step is ONE
-batched forward over both halves; G = G_u + w (G_c - G_u).
-
-Commit. The finished image enters the cache through one forward of its clean split followed by `<eoi>`
-(use_cache=True), merged into the next text step of the other rows (no extra call); the logits at `<eoi>` give
-the row's next token. Several images per row, and rows drawing at different steps, work the same way.
+The loops (docs/design.md §6). Outer: one token per row from the logits of its last real token; randomness from
+one CPU torch.Generator (same seed, same output, on any device); `<boi>`, sampled or forced (`force_boi_at`), draws
+an image. Inner: x ~ N(0, σ_d² I) (CPU, float64, from the same generator), then only the noise split runs against
+the read-only cache, its mask built once per image, updated by `imm.sampler_step`. Guidance: the cache holds 2B rows
+[conditional; unconditional]; the unconditional rows get the same chunks through `sequence.apply_null_prompt`, so
+the cache keeps their own doc ids and position shift (`Cache.u_doc`, `u_shift`); one batched forward per chunk and
+per step. Commit: the clean split and `<eoi>` enter the cache merged into the next text step of the other rows.
 
 Legend: B rows (prompts), L cached tokens, Lq tokens of a chunk, N tokens of an image (h*w), C latent channels,
 V vocabulary.
@@ -48,7 +33,6 @@ V vocabulary.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Sequence
@@ -58,6 +42,7 @@ import torch
 
 from nextx import imm
 from nextx.masks import mask_mod
+from nextx.model import dense_attention
 from nextx.sequence import (CLEAN, NOISE, NULL_PROMPTS, PAD, TEXT, ImageTokens, SpecialIds, apply_null_prompt,
                             layout_document)
 
@@ -359,20 +344,6 @@ def sample_tokens(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int 
 
 def _device(model, device):
     return torch.device(device) if device is not None else next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def dense_attention(model):
-    """Run every attention layer on SDPA while sampling: the masks here are dense (B, 1, Lq, Lk) booleans, small
-    for decoding, and a model trained with the flex backend computes the same function on SDPA."""
-    mods = [m for m in model.modules() if getattr(m, "backend", "sdpa") == "flex"]
-    for m in mods:
-        m.backend = "sdpa"
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.backend = "flex"
 
 
 def _on_sdpa(fn):

@@ -69,6 +69,7 @@ Llama-3 frequency scaling even when the model is rebuilt from the plain ModelCon
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 
@@ -459,3 +460,17 @@ class NextX(nn.Module):
         the embedding lookup. The attention term counts the full L x L score matrix (no causal/mask discount), the
         usual MFU convention."""
         return 6.0 * self.num_params(exclude_embeddings=True) + 12.0 * self.cfg.n_layers * self.cfg.d_model * seq_len
+
+
+@contextlib.contextmanager
+def dense_attention(model):
+    """Run every attention layer on SDPA (the samplers: their masks are dense (B, 1, Lq, Lk) booleans, small
+    for decoding), and a model trained with the flex backend computes the same function on SDPA."""
+    mods = [m for m in model.modules() if getattr(m, "backend", "sdpa") == "flex"]
+    for m in mods:
+        m.backend = "sdpa"
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.backend = "flex"
