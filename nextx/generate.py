@@ -45,6 +45,7 @@ from nextx.masks import mask_mod
 from nextx.model import dense_attention
 from nextx.sequence import (CLEAN, NOISE, NULL_PROMPTS, PAD, TEXT, ImageTokens, SpecialIds, apply_null_prompt,
                             layout_document)
+from nextx.text_sampling import add_token, banned, force_sets, sample_tokens
 
 SAMPLERS = imm.SAMPLERS
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -314,31 +315,6 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
 
 
 # --------------------------------------------------------------------------------------------------------
-# Text sampling
-
-
-def sample_tokens(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> (B,) int64 on CPU. temperature 0: greedy (argmax). Otherwise softmax(logits / temperature)
-    restricted to the top_k most likely tokens (0 = all) and to the smallest set whose probability reaches top_p
-    (1 = all; the most likely token is always kept), sampled on CPU from `generator`."""
-    logits = logits.float()
-    if temperature <= 0:
-        return logits.argmax(-1).cpu()
-    z = logits / temperature
-    if top_k and top_k < z.shape[-1]:
-        kth = torch.topk(z, top_k, dim=-1).values[:, -1:]                         # (B, 1)
-        z = z.masked_fill(z < kth, float("-inf"))
-    if top_p < 1.0:
-        srt, order = torch.sort(z, dim=-1, descending=True)
-        cum = torch.softmax(srt, -1).cumsum(-1)
-        drop = (cum - torch.softmax(srt, -1)) >= top_p                             # mass before this token >= p
-        z = z.scatter(-1, order, srt.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(z, -1).cpu()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Public samplers
 
 
@@ -402,19 +378,14 @@ def generate(model, prompts: Sequence[Sequence], special: SpecialIds, *, grid: t
              cfg_scale: float = 1.0, sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX, eps: float = 0.0,
              schedule: str = "uniform", generator: torch.Generator | None = None, device=None,
              trace: dict | None = None, progress: bool = False, null_prompt: str = "hidden") -> list[list]:
-    """Interleaved generation: the outer loop over text tokens and images (module docstring).
-
-    prompts: B lists of segments (lists of text ids, ImageTokens as context). Returns, per row, the NEW segments in
-    order: lists of text ids (with the `<boi>` that opened each image; stop tokens dropped) and images as (N, C)
-    float32 CPU tensors. A row stops at a stop token (default <eos>) or after max_new_tokens sampled tokens (the
-    `<boi>` counts, images do not; an image opened by the last token is still drawn).
-    force_boi_at: indices of a row's sampled tokens (0 = the first) replaced by `<boi>`, the same for every row, or
-    one sequence of indices per row. max_images: per row; then `<boi>` is suppressed. draw_images=False: `<boi>` is
-    an ordinary token (no image). suppress: ids never sampled.
-    trace: a dict to fill with per row "logits" (the (V,) logits of every sampled token) and "noise" (each image's
-    initial noise (N, C) float64), for tests and debugging. null_prompt: the unconditional rows of guidance
-    (`objective.null_prompt` of the run: "hidden", or "pad" for runs trained before it existed).
-    """
+    """Interleaved generation, the outer loop over text tokens and images. prompts: B lists of segments (lists of
+    text ids, ImageTokens as context). Returns per row the NEW segments in order: lists of text ids (with the `<boi>`
+    that opened each image; stop tokens dropped) and images as (N, C) float32 CPU tensors. A row stops at a stop
+    token (default <eos>) or after max_new_tokens sampled tokens (`<boi>` counts, images do not).
+    force_boi_at: indices of sampled tokens (0 = the first) replaced by `<boi>`, for every row or one sequence per
+    row. max_images: per row, then `<boi>` is suppressed. draw_images=False: `<boi>` is an ordinary token.
+    suppress: ids never sampled. trace: a dict filled per row with "logits" ((V,) of every sampled token) and
+    "noise" (each image's initial (N, C) float64). null_prompt: the run's `objective.null_prompt`."""
     _check_sampler(sampler, steps)
     dev = _device(model, device)
     B = len(prompts)
@@ -425,29 +396,17 @@ def generate(model, prompts: Sequence[Sequence], special: SpecialIds, *, grid: t
     n_tok, n_img = np.zeros(B, np.int64), np.zeros(B, np.int64)
     done = np.zeros(B, bool)
     commit: list[np.ndarray | None] = [None] * B
-    per_row = len(force_boi_at) > 0 and not isinstance(force_boi_at[0], (int, np.integer))
-    if per_row and len(force_boi_at) != B:
-        raise ValueError(f"force_boi_at has {len(force_boi_at)} per-row entries for {B} prompts")
-    force = [{int(i) for i in force_boi_at[b]} for b in range(B)] if per_row else [{int(i) for i in force_boi_at}] * B
-    if trace is not None:
-        trace.setdefault("logits", [[] for _ in range(B)])
-        trace.setdefault("noise", [[] for _ in range(B)])
+    force = force_sets(force_boi_at, B)
+    for key in ("logits", "noise") if trace is not None else ():
+        trace.setdefault(key, [[] for _ in range(B)])
     ban = [int(t) for t in suppress]
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=max_new_tokens, desc="tokens", leave=False)
+    bar = tqdm(total=max_new_tokens, desc="tokens", leave=False, disable=not progress)
     while True:
-        lg = logits
-        full = draw_images and max_images is not None and bool((n_img >= max_images).any())
-        if ban or full:
-            lg = logits.clone()
-            if ban:
-                lg[:, ban] = float("-inf")
-            if full:
-                lg[torch.from_numpy(n_img >= max_images).to(lg.device), special.boi] = float("-inf")
-        tok = sample_tokens(lg, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        full = n_img >= max_images if draw_images and max_images is not None else None
+        tok = sample_tokens(banned(logits, ban, full, special.boi), temperature=temperature, top_k=top_k,
+                            top_p=top_p, generator=generator)
         pieces: list[_Piece | None] = [None] * B
         drawing = []
         for b in range(B):
@@ -465,10 +424,7 @@ def generate(model, prompts: Sequence[Sequence], special: SpecialIds, *, grid: t
             if t in stop_ids:
                 done[b] = True
                 continue
-            if out[b] and isinstance(out[b][-1], list):
-                out[b][-1].append(t)
-            else:
-                out[b].append([t])
+            add_token(out[b], t)
             n_tok[b] += 1
             if draw_images and t == special.boi:
                 drawing.append(b)
@@ -476,25 +432,20 @@ def generate(model, prompts: Sequence[Sequence], special: SpecialIds, *, grid: t
                 done[b] = True
                 continue
             pieces[b] = _text_piece(t, int(cache.pos_next[b]))
-        if bar is not None:
-            bar.n = int(n_tok.max())
-            bar.refresh()
+        bar.n = int(n_tok.max())
+        bar.refresh()
         if all(p is None for p in pieces):
             break
         logits = _append(model, cache, pieces, special)
         if drawing:
             x, x0 = refine(model, cache, drawing, grid, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                            sigma_d=sigma_d, T=T, eps=eps, schedule=schedule, generator=generator)
-            x = x.cpu()
             for j, b in enumerate(drawing):
-                out[b].append(x[j])
+                out[b].append(x[j].cpu())
                 n_img[b] += 1
                 if trace is not None:
                     trace["noise"][b].append(x0[j])
-                if n_tok[b] >= max_new_tokens:
-                    done[b] = True                                     # nothing follows: no clean split needed
-                else:
-                    commit[b] = x[j].numpy()
-    if bar is not None:
-        bar.close()
+                done[b] = n_tok[b] >= max_new_tokens                   # then nothing follows: no clean split
+                commit[b] = None if done[b] else x[j].cpu().numpy()
+    bar.close()
     return out

@@ -13,9 +13,10 @@ from nextx import generate
 from nextx.config import ModelConfig
 from nextx.masks import check_layout, dense_mask
 from nextx.model import NextX
-from oracles import caption_reference, t2i_reference
 from nextx.sequence import (CLEAN, NOISE, PAD, TEXT, ImageTokens, SpecialIds, apply_null_prompt, collate,
                             layout_document, pack_row)
+from nextx.text_sampling import sample_tokens
+from oracles import caption_reference, t2i_reference
 
 SP = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
 V, C, GRID = 50, 6, (2, 3)            # a non-square grid catches row/col mix-ups
@@ -273,17 +274,17 @@ def test_same_seed_same_output(model):
 def test_sample_tokens_filters():
     logits = torch.randn(4, V, generator=gen(0))
     greedy = logits.argmax(-1)
-    assert torch.equal(generate.sample_tokens(logits), greedy)
-    assert torch.equal(generate.sample_tokens(logits, temperature=1.0, top_k=1, generator=gen(1)), greedy)
-    assert torch.equal(generate.sample_tokens(logits, temperature=1.0, top_p=1e-6, generator=gen(1)), greedy)
+    assert torch.equal(sample_tokens(logits), greedy)
+    assert torch.equal(sample_tokens(logits, temperature=1.0, top_k=1, generator=gen(1)), greedy)
+    assert torch.equal(sample_tokens(logits, temperature=1.0, top_p=1e-6, generator=gen(1)), greedy)
     top3 = logits.topk(3, -1).indices
     g = gen(2)
     for _ in range(20):
-        t = generate.sample_tokens(logits, temperature=2.0, top_k=3, generator=g)
+        t = sample_tokens(logits, temperature=2.0, top_k=3, generator=g)
         assert all(int(t[i]) in top3[i].tolist() for i in range(4))
     # top_p keeps the smallest prefix (by probability) whose mass reaches p
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    seen = {int(generate.sample_tokens(probs.log(), temperature=1.0, top_p=0.7, generator=g)) for _ in range(200)}
+    seen = {int(sample_tokens(probs.log(), temperature=1.0, top_p=0.7, generator=g)) for _ in range(200)}
     assert seen == {0, 1}
 
 
