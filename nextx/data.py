@@ -33,6 +33,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from PIL import Image as PILImage
 
 from nextx.config import DataConfig
 from nextx.documents import BadSample, Document, Image, Text, decode_document, shard_paths
@@ -100,6 +101,29 @@ def raw_samples(path: str, stats: dict) -> Iterator[dict]:
 
     handler = _Counter(stats, "bad_tar")
     yield from wds.tarfile_to_samples(handler=handler)([{"url": path}])
+
+
+def shard_images(paths: list[str], stats: dict, limit: int | None = None) -> Iterator[PILImage.Image]:
+    """The RGB images of every document in the tar files, in order, up to `limit`. Bad samples and unreadable
+    tar data are skipped and counted in `stats` ("bad_sample", "bad_tar"); "docs" counts the good documents."""
+    n = 0
+    for path in paths:
+        for sample in raw_samples(path, stats):
+            if limit is not None and n >= limit:
+                return
+            try:
+                doc = decode_document(sample)
+            except BadSample:
+                stats["bad_sample"] = stats.get("bad_sample", 0) + 1
+                continue
+            stats["docs"] = stats.get("docs", 0) + 1
+            for im in doc.images:
+                if im.pixels is None:
+                    continue
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                yield im.pixels
 
 
 def shuffled(it: Iterator, buffer: int, rng: random.Random) -> Iterator:

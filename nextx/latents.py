@@ -28,7 +28,7 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -347,29 +347,3 @@ def load_image_tokenizer(path: str | os.PathLike) -> PixelTokenizer | Autoencode
     if kind == AutoencoderTokenizer.type:
         return AutoencoderTokenizer.load(d)
     raise ValueError(f"{d / CONFIG_FILE}: unknown image tokenizer type {kind!r} (expected 'pixel' or 'kl_ae')")
-
-
-def shard_images(paths: list[str], stats: dict, limit: int | None = None) -> Iterator[PILImage.Image]:
-    """The RGB images of every document in the tar files, in order, up to `limit`. Bad samples and unreadable
-    tar data are skipped and counted in `stats` ("bad_sample", "bad_tar"); "docs" counts the good documents."""
-    from nextx.data import raw_samples
-    from nextx.documents import BadSample, decode_document
-
-    n = 0
-    for path in paths:
-        for sample in raw_samples(path, stats):
-            if limit is not None and n >= limit:
-                return
-            try:
-                doc = decode_document(sample)
-            except BadSample:
-                stats["bad_sample"] = stats.get("bad_sample", 0) + 1
-                continue
-            stats["docs"] = stats.get("docs", 0) + 1
-            for im in doc.images:
-                if im.pixels is None:
-                    continue
-                if limit is not None and n >= limit:
-                    return
-                n += 1
-                yield im.pixels

@@ -21,8 +21,9 @@ if __name__ == "__main__":  # run by path: tokenizers/ is not a package, so make
 
 import torch
 
+from nextx.data import shard_images
 from nextx.documents import shard_paths
-from nextx.latents import SIGMA_D, PixelTokenizer, load_image_tokenizer, pil_to_tensor, shard_images
+from nextx.latents import SIGMA_D, PixelTokenizer, load_image_tokenizer, pil_to_tensor
 
 
 def _batches(images, size: int, batch: int = 256):

@@ -38,9 +38,9 @@ from PIL import Image as PILImage
 from tqdm import tqdm
 
 from nextx.autoencoder import AEConfig, KLAutoencoder, ae_loss, count_params, psnr
+from nextx.data import shard_images
 from nextx.documents import shard_paths
-from nextx.latents import (SIGMA_D, AutoencoderTokenizer, ChannelStats, load_image_tokenizer, pil_to_tensor,
-                           shard_images)
+from nextx.latents import SIGMA_D, AutoencoderTokenizer, ChannelStats, load_image_tokenizer, pil_to_tensor
 
 
 def load_images(source: str, split: str, size: int, limit: int | None, stats: dict) -> torch.Tensor:
