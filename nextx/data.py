@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Iterator
 
 import numpy as np
@@ -294,22 +294,21 @@ def _worker_init(_):
     torch.set_num_threads(1)  # workers encode a few images each; oversubscribing 2 cores hurts the trainer
 
 
+@dataclass
 class LoaderBatch(Batch):
-    """A Batch as the DataLoader yields it: plus `position` (reader index, epoch, rows done) of its last row, and
-    a `pin_memory()` the DataLoader's pinning thread calls (Batch.to(non_blocking=True) then overlaps the copy)."""
+    """A Batch as the DataLoader yields it: plus `position` (reader index, epoch, rows done) of its last row, kept
+    by `to()`, and a `pin_memory()` the DataLoader's pinning thread calls (`to(non_blocking=True)` then overlaps the
+    copy)."""
 
     position: tuple = (0, 0, 0)
 
     @classmethod
     def of(cls, b: Batch, position: tuple) -> "LoaderBatch":
-        out = cls(**{f.name: getattr(b, f.name) for f in fields(b)})
-        out.position = position
-        return out
+        return cls(**{f.name: getattr(b, f.name) for f in fields(b)}, position=position)
 
     def pin_memory(self) -> "LoaderBatch":
-        pinned = {f.name: (v.pin_memory() if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
-                  for f in fields(self)}
-        return LoaderBatch.of(Batch(**pinned), self.position)
+        return replace(self, **{f.name: v.pin_memory() for f in fields(self)
+                                if isinstance(v := getattr(self, f.name), torch.Tensor)})
 
 
 def collate_rows(rows: list[Row]) -> LoaderBatch:

@@ -28,7 +28,7 @@ pads have kind PAD and doc -1. Row fields are numpy (built in DataLoader workers
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -287,9 +287,10 @@ class Batch:
     stats: dict = field(default_factory=dict)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
+        """The same batch (same class, every non-tensor field kept) with its tensors on `device`."""
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                  for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
-        return Batch(**moved, stats=self.stats)
+        return replace(self, **moved)
 
     @property
     def n_images(self) -> int:

@@ -173,3 +173,16 @@ def test_rows_job_reports_packing_efficiency(shard_env, capsys):
     assert fig["batches"] == 3 and counts["total"] == 3 * 2 * 128
     assert abs(fig["packing_efficiency"] - (1 - counts["pad"] / counts["total"])) < 1e-12
     assert "packing efficiency" in capsys.readouterr().out
+
+
+def test_loader_batch_keeps_its_position_when_moved():
+    """The trainer reads `position` of the batches it consumed; moving or pinning a batch must not drop it."""
+    from nextx.data import LoaderBatch
+    from nextx.sequence import ImageTokens, SpecialIds, collate, layout_document, pack_row
+
+    sp = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
+    d = layout_document([[5, 6], ImageTokens(np.zeros((4, 3), np.float32), (2, 2))], sp)
+    b = LoaderBatch.of(collate([pack_row([d], 16, sp.pad)]), (3, 1, 7))
+    moved = b.to("cpu")
+    assert isinstance(moved, LoaderBatch) and moved.position == (3, 1, 7)
+    assert torch.equal(moved.ids, b.ids) and moved.stats == b.stats
