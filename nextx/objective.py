@@ -245,6 +245,4 @@ def _select_rows(batch: Batch, rows: torch.Tensor) -> Batch:
     """The sub-batch of the given rows; image indices stay batch-global (t, s, r are indexed by them)."""
     if len(rows) == batch.ids.shape[0]:
         return batch
-    return replace(batch, ids=batch.ids[rows], targets=batch.targets[rows], kind=batch.kind[rows],
-                   doc=batch.doc[rows], split=batch.split[rows], img=batch.img[rows], pos=batch.pos[rows],
-                   pos2d=batch.pos2d[rows], latents=batch.latents[rows])
+    return batch.rows(rows)

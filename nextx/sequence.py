@@ -286,6 +286,13 @@ class Batch:
     image_generate: torch.Tensor
     stats: dict = field(default_factory=dict)
 
+    ROW_FIELDS = ("ids", "targets", "kind", "doc", "split", "img", "pos", "pos2d", "latents")  # (B, L, ...) fields
+    IMAGE_FIELDS = ("image_grid", "image_generate")                                        # (n_img, ...) fields
+
+    def rows(self, rows: torch.Tensor) -> "Batch":
+        """The sub-batch of the given rows (every per-token field); image fields and indices stay batch-global."""
+        return replace(self, **{k: getattr(self, k)[rows] for k in self.ROW_FIELDS})
+
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """The same batch (same class, every non-tensor field kept) with its tensors on `device`."""
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)

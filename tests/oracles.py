@@ -91,13 +91,8 @@ def t2i_reference(model, prompts: Sequence[Sequence[int]], special: SpecialIds, 
 
 def _cat(a, b):
     """Concatenate two Batches of equal L row-wise (images re-indexed)."""
-    off = a.n_images
-    return replace(a, ids=torch.cat([a.ids, b.ids]), targets=torch.cat([a.targets, b.targets]),
-                   kind=torch.cat([a.kind, b.kind]), doc=torch.cat([a.doc, b.doc]), split=torch.cat([a.split, b.split]),
-                   img=torch.cat([a.img, torch.where(b.img >= 0, b.img + off, b.img)]), pos=torch.cat([a.pos, b.pos]),
-                   pos2d=torch.cat([a.pos2d, b.pos2d]), latents=torch.cat([a.latents, b.latents]),
-                   image_grid=torch.cat([a.image_grid, b.image_grid]),
-                   image_generate=torch.cat([a.image_generate, b.image_generate]))
+    b = replace(b, img=torch.where(b.img >= 0, b.img + a.n_images, b.img))
+    return replace(a, **{k: torch.cat([getattr(a, k), getattr(b, k)]) for k in a.ROW_FIELDS + a.IMAGE_FIELDS})
 
 
 @torch.no_grad()

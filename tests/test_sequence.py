@@ -126,3 +126,15 @@ def test_noise_copies_write_m_noise_splits_sharing_positions():
     assert all(torch.equal(lat[k], torch.from_numpy(im.tokens)) for k in range(3))  # same clean x in every copy
     with pytest.raises(ValueError, match="noise_copies"):
         layout_document([[7], im], sp, noise_copies=0)
+
+
+def test_batch_field_lists_cover_every_field():
+    """Batch.ROW_FIELDS / IMAGE_FIELDS are the one list of its tensors (row selection, concatenation): a new field
+    must be added there."""
+    from dataclasses import fields
+
+    from nextx.sequence import Batch
+
+    names = {f.name for f in fields(Batch)} - {"stats"}
+    assert names == set(Batch.ROW_FIELDS) | set(Batch.IMAGE_FIELDS)
+    assert not set(Batch.ROW_FIELDS) & set(Batch.IMAGE_FIELDS)
