@@ -24,7 +24,7 @@ import torch
 from nextx import imm
 from nextx.config import ModelConfig
 from nextx.masks import dense_mask
-from nextx.model import NextX
+from nextx.model import ModelInput, NextX
 from nextx.generate import t2i
 from nextx.sequence import NOISE, ImageTokens, SpecialIds, apply_null_prompt, collate, layout_document, pack_row
 
@@ -95,7 +95,7 @@ def full_lean(model, prompts, *, grid, latent_dim, steps, cfg_scale, device, gen
         lat[noise] = rep(x).float().reshape(-1, latent_dim)
         t = torch.full((rows * B,), float(ts[i]), device=device)
         s = torch.full((rows * B,), float(ts[i + 1]), device=device)
-        out = model(ids, kind, pos, pos2d, lat, img, t, s, mask, text_mask=no_text).latent_out
+        out = model(ModelInput(ids, kind, pos, pos2d, lat, img, t, s, mask), text_mask=no_text).latent_out
         G = out[noise].reshape(rows * B, N, latent_dim).double()
         G = G[B:] + cfg_scale * (G[:B] - G[B:]) if rows == 2 else G
         x = imm.pushforward_step(x, G, float(ts[i]), float(ts[i + 1]), sigma_d)

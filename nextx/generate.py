@@ -42,7 +42,7 @@ import torch
 
 from nextx import imm
 from nextx.masks import mask_mod
-from nextx.model import dense_attention
+from nextx.model import ModelInput, dense_attention
 from nextx.sequence import (CLEAN, NOISE, NULL_PROMPTS, PAD, TEXT, ImageTokens, SpecialIds, apply_null_prompt,
                             layout_document)
 from nextx.text_sampling import add_token, banned, force_sets, sample_tokens
@@ -236,7 +236,8 @@ def _append(model, cache: Cache, pieces: Sequence[_Piece | None], special: Speci
         tm = torch.cat([tm, torch.zeros_like(tm)])
     img = torch.full(ids.shape, -1, dtype=torch.int32, device=dev)
     none = torch.zeros(0, device=dev)
-    out = model(ids, kq, pos, pos2d, lat, img, none, none, mask, past=cache.past, use_cache=True, text_mask=tm)
+    out = model(ModelInput(ids, kq, pos, pos2d, lat, img, none, none, mask), past=cache.past, use_cache=True,
+                text_mask=tm)
     cache.past, cache.doc, cache.kind, cache.split = out.past, doc, kind, split
     cache.n_split += used
     for b, p in enumerate(pieces):
@@ -304,7 +305,8 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
         xx = torch.cat([x, x]) if guide else x
         t = torch.full((R2,), t_i, device=dev)
         s = torch.full((R2,), s_model, device=dev)
-        G = model(ids, kq, pos, pos2d, xx.float(), img, t, s, mask, past=past, text_mask=no_text).latent_out.double()
+        G = model(ModelInput(ids, kq, pos, pos2d, xx.float(), img, t, s, mask), past=past,
+                  text_mask=no_text).latent_out.double()
         if guide:
             G = G[R:] + cfg_scale * (G[:R] - G[R:])                                # G_u + w (G_c - G_u)
         e = None

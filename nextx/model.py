@@ -1,6 +1,7 @@
 """NextX: one decoder-only transformer for the next text token and the next image (docs/design.md §3-4).
 
-    out = model(ids, kind, pos, pos2d, latents, img, t, s, mask)    # -> ModelOutput(text_logits, latent_out, past)
+    out = model(ModelInput(ids, kind, pos, pos2d, latents, img, t, s, mask))   # -> ModelOutput(text_logits, latent_out, past)
+    out = model(ModelInput.of(batch, latents, t, s, mask))                      # the same from a packed Batch
 
 Legend: B rows, L tokens (Lq this call's queries, Lk keys incl. the cache), D = d_model, H query heads, Hkv key/value
 heads, hd = D / H, C latent channels, V vocabulary, n_img images of the batch, P = hd / 2 rotary frequency pairs.
@@ -84,6 +85,28 @@ from nextx.positions import apply_rope, rope2d_inv_freq, rope_cos_sin, rope_inv_
 from nextx.sequence import CLEAN, NOISE, TEXT
 
 KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class ModelInput:
+    """One forward's inputs. ids, kind, pos, img (B, L) int; pos2d (B, L, 2) int; latents (B, L, C) float (x on CLEAN,
+    x_t on NOISE; ignored elsewhere); t, s (n_img,) float, the times of each image (indexed by img); mask
+    (B, 1, L, L_past + L) bool for sdpa/xformers, a BlockMask for flex."""
+
+    ids: torch.Tensor
+    kind: torch.Tensor
+    pos: torch.Tensor
+    pos2d: torch.Tensor
+    latents: torch.Tensor
+    img: torch.Tensor
+    t: torch.Tensor
+    s: torch.Tensor
+    mask: object
+
+    @classmethod
+    def of(cls, batch, latents: torch.Tensor, t: torch.Tensor, s: torch.Tensor, mask) -> "ModelInput":
+        """From a packed `sequence.Batch` (its layout fields) with the given latents, times and mask."""
+        return cls(batch.ids, batch.kind, batch.pos, batch.pos2d, latents, batch.img, t, s, mask)
 
 
 @dataclass
@@ -380,11 +403,12 @@ class NextX(nn.Module):
         of = rope2d_inv_freq(self.rope_inv_freq, self.rope_section, self.cfg.rope2d_freqs == "own")
         return rope_cos_sin(pos, self.rope_inv_freq, offsets, of)
 
-    def forward(self, ids, kind, pos, pos2d, latents, img, t, s, mask, *, past: list[KV] | None = None,
-                use_cache: bool = False, text_mask: torch.Tensor | None = None) -> ModelOutput:
-        """ids, kind, pos, img (B, L) int; pos2d (B, L, 2) int; latents (B, L, C) float; t, s (n_img,) float;
-        mask: (B, 1, L, L_past + L) bool for sdpa/xformers, a BlockMask for flex; past: see module docstring;
-        text_mask (B, L) bool: compute logits only there -> (n_sel, V)."""
+    def forward(self, inp: ModelInput, *, past: list[KV] | None = None, use_cache: bool = False,
+                text_mask: torch.Tensor | None = None) -> ModelOutput:
+        """inp: the layout, latents, times and mask (`ModelInput`); past: see module docstring; text_mask (B, L)
+        bool: compute logits only there -> (n_sel, V)."""
+        ids, kind, pos, pos2d, latents, img, t, s, mask = (inp.ids, inp.kind, inp.pos, inp.pos2d, inp.latents,
+                                                           inp.img, inp.t, inp.s, inp.mask)
         if past is not None and len(past) != len(self.layers):
             raise ValueError(f"past has {len(past)} layers, the model {len(self.layers)}")
         if isinstance(mask, torch.Tensor):
@@ -444,8 +468,8 @@ class NextX(nn.Module):
         pos = torch.arange(L, device=dev).expand(B, L)
         empty = torch.zeros(0, device=dev)
         lat = torch.zeros(B, L, self.latent_dim, device=dev)
-        return self(input_ids, kind, pos, torch.zeros(B, L, 2, dtype=torch.int32, device=dev), lat,
-                    torch.full((B, L), -1, device=dev), empty, empty, mask).text_logits
+        return self(ModelInput(input_ids, kind, pos, torch.zeros(B, L, 2, dtype=torch.int32, device=dev), lat,
+                               torch.full((B, L), -1, device=dev), empty, empty, mask)).text_logits
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters; exclude_embeddings drops the token-embedding table (a lookup) unless it is tied to

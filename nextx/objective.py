@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from nextx import imm
 from nextx.config import ObjectiveConfig
 from nextx.masks import block_mask, dense_mask
+from nextx.model import ModelInput
 from nextx.sequence import IGNORE, NOISE, Batch, SpecialIds, apply_null_prompt
 
 
@@ -131,7 +132,7 @@ def _euler_fm(x_t: torch.Tensor, G: torch.Tensor, s_tok: torch.Tensor, t_tok: to
 
 
 def _forward(model, batch: Batch, latents: torch.Tensor, t: torch.Tensor, s: torch.Tensor, mask, text_mask):
-    return model(batch.ids, batch.kind, batch.pos, batch.pos2d, latents, batch.img, t, s, mask, text_mask=text_mask)
+    return model(ModelInput.of(batch, latents, t, s, mask), text_mask=text_mask)
 
 
 def _gather_images(v: torch.Tensor, noise: torch.Tensor, grids: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 
 from nextx import imm
 from nextx.masks import dense_mask
+from nextx.model import ModelInput
 from nextx.sequence import (NOISE, TEXT, ImageTokens, SpecialIds, apply_null_prompt, collate, layout_document,
                             pack_row)
 
@@ -41,7 +42,7 @@ def _rows(layouts, pad_id: int):
 
 def _forward(model, b, latents, t, s):
     mask = dense_mask(b.doc, b.kind, b.split)
-    return model(b.ids, b.kind, b.pos, b.pos2d, latents, b.img, t, s, mask)
+    return model(ModelInput.of(b, latents, t, s, mask))
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ import torch
 from nextx import generate
 from nextx.config import ModelConfig
 from nextx.masks import check_layout, dense_mask
-from nextx.model import NextX
+from nextx.model import ModelInput, NextX
 from nextx.sequence import (CLEAN, NOISE, PAD, TEXT, ImageTokens, SpecialIds, apply_null_prompt, collate,
                             layout_document, pack_row)
 from nextx.text_sampling import sample_tokens
@@ -163,7 +163,7 @@ def _full_forward(model, segs):
     b = collate([pack_row([d], len(d), SP.pad)])
     z = torch.zeros(b.n_images)
     lat = b.latents if b.n_images else torch.zeros(*b.ids.shape, C)          # collate gives C = 1 without images
-    return model(b.ids, b.kind, b.pos, b.pos2d, lat, b.img, z, z, dense_mask(b.doc, b.kind, b.split)), d
+    return model(ModelInput.of(b, lat, z, z, dense_mask(b.doc, b.kind, b.split))), d
 
 
 @torch.no_grad()
@@ -186,7 +186,7 @@ def _ref_image(model, prefix, x0, *, steps, cfg_scale, T=0.994, sigma_d=0.5):
         t = torch.full((rows * b.n_images,), float(ts[i]))
         s = torch.full((rows * b.n_images,), float(ts[i + 1]))
         img = torch.cat([b.img] + ([b.img + b.n_images] if rows == 2 else []))
-        G = model(ids, kind, pos, rep(b.pos2d), lat, img, t, s, mask).latent_out[:, noise].double()
+        G = model(ModelInput(ids, kind, pos, rep(b.pos2d), lat, img, t, s, mask)).latent_out[:, noise].double()
         if rows == 2:
             G = G[1] + cfg_scale * (G[0] - G[1])
         else:

@@ -10,7 +10,7 @@ import torch
 
 from nextx.config import ModelConfig
 from nextx.masks import block_mask, dense_mask, xformers_available
-from nextx.model import ModelOutput, NextX, image_splits
+from nextx.model import ModelInput, ModelOutput, NextX, image_splits
 from nextx.positions import rope2d_inv_freq, rope_inv_freq, rope_section
 from nextx.pretrained import load_hf_llama
 from nextx.sequence import CLEAN, IGNORE, NOISE, PAD, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
@@ -54,7 +54,7 @@ def run(model, b, mask, latents=None, t=None, s=None, **kw) -> ModelOutput:
     n = b.n_images
     t = torch.linspace(0.2, 0.9, n) if t is None else t
     s = t * 0.5 if s is None else s
-    return model(b.ids, b.kind, b.pos, b.pos2d, b.latents if latents is None else latents, b.img, t, s, mask, **kw)
+    return model(ModelInput.of(b, b.latents if latents is None else latents, t, s, mask), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -201,8 +201,10 @@ def test_modulation_is_per_image(model):
 # ---- KV cache
 
 
-def _sub(b, idx):
-    return (b.ids[:, idx], b.kind[:, idx], b.pos[:, idx], b.pos2d[:, idx], b.latents[:, idx], b.img[:, idx])
+def _sub(b, idx, t, s, mask) -> ModelInput:
+    """The model input of the tokens idx of a one-row batch (for cache tests)."""
+    return ModelInput(b.ids[:, idx], b.kind[:, idx], b.pos[:, idx], b.pos2d[:, idx], b.latents[:, idx], b.img[:, idx],
+                      t, s, mask)
 
 
 @pytest.mark.parametrize("pos2d", ["rope", "sincos", "rope+sincos"])
@@ -220,21 +222,21 @@ def test_kv_cache_matches_full_forward(pos2d):
     noi = (kind == NOISE).nonzero().squeeze(1)
     rest = torch.arange(int(noi[-1]) + 1, L)
     with torch.no_grad():
-        full = m(*_sub(b, torch.arange(L)), t, s, mask)
-        p = m(*_sub(b, pre), t, s, mask[:, :, pre][:, :, :, pre], use_cache=True)
+        full = m(_sub(b, torch.arange(L), t, s, mask))
+        p = m(_sub(b, pre, t, s, mask[:, :, pre][:, :, :, pre]), use_cache=True)
         assert len(p.past) == 2 and p.past[0][0].shape == (1, 2, len(pre), 8)
         # refinement: the noise split reads the cache, does not append
         keys = torch.cat([pre, noi])
-        z = m(*_sub(b, noi), t, s, mask[:, :, noi][:, :, :, keys], past=p.past)
+        z = m(_sub(b, noi, t, s, mask[:, :, noi][:, :, :, keys]), past=p.past)
         assert z.past is None
         # then the clean split and the text after it, appended, in two calls (one block, then token by token)
         cut = int(rest[0]) + 4                                              # after the clean split
         a_idx, keys = rest[rest < cut], torch.cat([pre, rest[rest < cut]])
-        a = m(*_sub(b, a_idx), t, s, mask[:, :, a_idx][:, :, :, keys], past=p.past, use_cache=True)
+        a = m(_sub(b, a_idx, t, s, mask[:, :, a_idx][:, :, :, keys]), past=p.past, use_cache=True)
         past, outs = a.past, [a]
         for q in rest[rest >= cut].tolist():
             keys = torch.cat([keys, torch.tensor([q])])
-            o = m(*_sub(b, torch.tensor([q])), t, s, mask[:, :, [q]][:, :, :, keys], past=past, use_cache=True)
+            o = m(_sub(b, torch.tensor([q]), t, s, mask[:, :, [q]][:, :, :, keys]), past=past, use_cache=True)
             past, outs = o.past, outs + [o]
     assert past[0][0].shape[2] == len(pre) + len(rest)
     err = max(float((full.text_logits[:, pre] - p.text_logits).abs().max()),
@@ -243,7 +245,7 @@ def test_kv_cache_matches_full_forward(pos2d):
               float((full.latent_out[:, rest] - torch.cat([o.latent_out for o in outs], 1)).abs().max()))
     assert err < 1e-5, err
     with pytest.raises(ValueError, match="mask must be"):
-        m(*_sub(b, noi), t, s, mask[:, :, noi][:, :, :, noi], past=p.past)
+        m(_sub(b, noi, t, s, mask[:, :, noi][:, :, :, noi]), past=p.past)
 
 
 # ---- training-time features
@@ -300,10 +302,9 @@ def test_pos2d_variants(pos2d):
         pos2d_t = b.pos2d.clone()
         clean = (b.kind[0] == CLEAN).nonzero().squeeze(1)
         pos2d_t[0, clean[0]], pos2d_t[0, clean[-1]] = b.pos2d[0, clean[-1]], b.pos2d[0, clean[0]]
-        moved = m(b.ids, b.kind, b.pos, pos2d_t, b.latents, b.img, torch.full((b.n_images,), 0.5),
-                  torch.full((b.n_images,), 0.2), mask)
-        base = m(b.ids, b.kind, b.pos, b.pos2d, b.latents, b.img, torch.full((b.n_images,), 0.5),
-                 torch.full((b.n_images,), 0.2), mask)
+        t, s = torch.full((b.n_images,), 0.5), torch.full((b.n_images,), 0.2)
+        moved = m(ModelInput(b.ids, b.kind, b.pos, pos2d_t, b.latents, b.img, t, s, mask))
+        base = m(ModelInput.of(b, b.latents, t, s, mask))
     changed = float((moved.text_logits - base.text_logits).abs().max()) > 1e-6
     assert changed == (pos2d != "none")
 

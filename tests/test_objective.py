@@ -7,7 +7,7 @@ import torch
 from nextx import imm
 from nextx.config import ModelConfig, ObjectiveConfig
 from nextx.masks import dense_mask
-from nextx.model import NextX
+from nextx.model import ModelInput, NextX
 from nextx.objective import _image_times, cfg_dropout, compute_loss, group_mean
 from nextx.sequence import (IGNORE, NOISE, PAD, TEXT, ImageTokens, SpecialIds, apply_null_prompt, collate,
                             layout_document, pack_row)
@@ -149,8 +149,8 @@ def test_imm_loss_matches_a_per_group_loop_reference(group_size, weighting):
     x_r = torch.where(noise, (1 - rr) * x + rr * eps, x)
     mask = dense_mask(b.doc, b.kind, b.split)
     with torch.no_grad():
-        G_t = m(b.ids, b.kind, b.pos, b.pos2d, x_t, b.img, t.float(), s.float(), mask).latent_out
-        G_r = m(b.ids, b.kind, b.pos, b.pos2d, x_r, b.img, r.float(), s.float(), mask).latent_out
+        G_t = m(ModelInput.of(b, x_t, t.float(), s.float(), mask)).latent_out
+        G_r = m(ModelInput.of(b, x_r, r.float(), s.float(), mask)).latent_out
     per_group = []
     for grp in groups:
         ys = torch.stack([_noise_values(x_t, b, int(i)) - (t[i] - s[i]) * 0.5 * _noise_values(G_t, b, int(i))
@@ -205,8 +205,7 @@ def test_flow_loss_matches_mse_reference():
     tt = t.float()[b.img.clamp(min=0)].unsqueeze(-1)
     x_t = torch.where(noise, (1 - tt) * b.latents + tt * eps, b.latents)
     with torch.no_grad():
-        G = m(b.ids, b.kind, b.pos, b.pos2d, x_t, b.img, t.float(), s.float(),
-              dense_mask(b.doc, b.kind, b.split)).latent_out
+        G = m(ModelInput.of(b, x_t, t.float(), s.float(), dense_mask(b.doc, b.kind, b.split))).latent_out
     per = [((_noise_values(G, b, int(i)) - _noise_values((eps - b.latents) / 0.5, b, int(i))) ** 2).mean()
            for i in b.image_generate.nonzero(as_tuple=True)[0]]
     assert abs(loss.item() - torch.stack(per).mean().item()) < 1e-5
@@ -218,8 +217,8 @@ def test_text_ce_is_normalised_by_targets_and_image_weight_zero_leaves_latent_he
     cfg = ObjectiveConfig(cfg_drop=0.0, image_weight=0.0)
     loss, parts = compute_loss(m, b, cfg, SP, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = m(b.ids, b.kind, b.pos, b.pos2d, b.latents, b.img, torch.zeros(b.n_images),
-                   torch.zeros(b.n_images), dense_mask(b.doc, b.kind, b.split)).text_logits
+        z = torch.zeros(b.n_images)
+        logits = m(ModelInput.of(b, b.latents, z, z, dense_mask(b.doc, b.kind, b.split))).text_logits
     keep = b.targets != IGNORE
     ref = torch.nn.functional.cross_entropy(logits[keep], b.targets[keep])
     assert abs(loss.item() - ref.item()) < 1e-5 and parts["text_targets"] == int(keep.sum())
@@ -266,8 +265,8 @@ def test_imm_copies_grouping_matches_a_per_image_reference():
     x_r = torch.where(noise, (1 - rr) * b.latents + rr * eps, b.latents)
     mask = dense_mask(b.doc, b.kind, b.split)
     with torch.no_grad():
-        G_t = m(b.ids, b.kind, b.pos, b.pos2d, x_t, b.img, t.float(), s.float(), mask).latent_out
-        G_r = m(b.ids, b.kind, b.pos, b.pos2d, x_r, b.img, r.float(), s.float(), mask).latent_out
+        G_t = m(ModelInput.of(b, x_t, t.float(), s.float(), mask)).latent_out
+        G_r = m(ModelInput.of(b, x_r, r.float(), s.float(), mask)).latent_out
     ref = []
     for i in range(4):
         y = (_noise_values(x_t, b, i) - (t[i] - s[i]) * 0.5 * _noise_values(G_t, b, i)).double().reshape(1, 3, 6, C)

@@ -32,10 +32,10 @@ class ConstantG(torch.nn.Module):
         self.w = torch.nn.Parameter(torch.zeros(()))     # gives the samplers a device
         self.calls: list[tuple[float, float]] = []
 
-    def forward(self, ids, kind, pos, pos2d, latents, img, t, s, mask, past=None, use_cache=False, text_mask=None):
-        B, L = ids.shape
-        if t.numel():
-            self.calls.append((float(t[0]), float(s[0])))
+    def forward(self, inp, past=None, use_cache=False, text_mask=None):
+        B, L = inp.ids.shape
+        if inp.t.numel():
+            self.calls.append((float(inp.t[0]), float(inp.s[0])))
         new = [(torch.zeros(B, 1, L, 1), torch.zeros(B, 1, L, 1))]
         if past is not None:
             new = [(torch.cat([past[0][0], new[0][0]], 2), torch.cat([past[0][1], new[0][1]], 2))]
