@@ -136,7 +136,7 @@ def log_record(acc, info, step, dt, elapsed, world, peak, device, cfg, timed_out
     vals = ([acc["loss_sums"][k] for k in LOSS_KEYS] + [acc["counts"][k] for k in COUNT_KEYS]
             + [acc["micro"], acc["tokens"], acc["tokens_all"], acc["pad"], acc["images"], acc["flops"],
                acc["skipped"], float(timed_out)])
-    red = all_reduce_sum(torch.tensor(vals, dtype=torch.float64), world).tolist()
+    red = all_reduce_sum(torch.tensor([float(v) for v in vals], dtype=torch.float64), world).tolist()  # host sync
     nl, nc = len(LOSS_KEYS), len(COUNT_KEYS)
     micro, tokens, tokens_all, pad, images, flops, skipped, tflag = red[nl + nc:]
     rec: dict = {"step": step}

@@ -48,7 +48,7 @@ def cfg_dropout(batch: Batch, p: float, special: SpecialIds, generator: torch.Ge
     (`sequence.apply_null_prompt` in `mode`).
 
     Returns the new batch (ids, kind, doc, pos and targets replaced in dropped documents) and the number of dropped
-    documents."""
+    documents (a 0-d tensor on the batch's device)."""
     if p <= 0:
         return batch, 0
     B = batch.ids.shape[0]
@@ -65,7 +65,7 @@ def cfg_dropout(batch: Batch, p: float, special: SpecialIds, generator: torch.Ge
     drop_tok = torch.gather(drop_doc, 1, doc) & (batch.doc >= 0)                     # (B, L)
     ids, kind, doc, pos, _ = apply_null_prompt(batch.ids, batch.kind, batch.doc, batch.pos, drop_tok, special, mode)
     targets = torch.where(drop_tok, torch.full_like(batch.targets, IGNORE), batch.targets)
-    return replace(batch, ids=ids, kind=kind, doc=doc, pos=pos, targets=targets), int(drop_doc.sum())
+    return replace(batch, ids=ids, kind=kind, doc=doc, pos=pos, targets=targets), drop_doc.sum()
 
 
 def _image_times(batch: Batch, cfg: ObjectiveConfig, generator: torch.Generator | None, k: float):
@@ -150,7 +150,9 @@ def _gather_images(v: torch.Tensor, noise: torch.Tensor, grids: torch.Tensor, ge
 
 def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds, *, attention: str = "sdpa",
                  n_heads: int | None = None, generator: torch.Generator | None = None, step: int | None = None):
-    """One training loss on a packed batch. Returns `(loss, parts)`; parts are floats for logging.
+    """One training loss on a packed batch. Returns `(loss, parts)`: parts for logging, the losses and the text-target
+    count as detached 0-d tensors on the batch's device (read them at log steps only: reading is a host sync), the
+    other counts and times as host numbers.
 
     batch: a Batch on the model's device (latents hold the clean x on CLEAN and NOISE tokens).
     generator: a CPU torch.Generator for all random draws (times, CFG dropout); noise uses it too, on CPU, so a
@@ -172,12 +174,9 @@ def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds,
 
     text_mask = batch.targets != IGNORE
     out = _forward(model, batch, x_t, t.float().to(device), s.float().to(device), mask, text_mask)
-    n_targets = int(text_mask.sum())
-    if n_targets:
-        ce = F.cross_entropy(out.text_logits.float(), batch.targets[text_mask], reduction="sum") / n_targets
-    else:
-        ce = out.latent_out.sum() * 0.0
-    parts = {"ce": float(ce.detach()), "text_targets": n_targets, "images": int(len(gen)), "cfg_dropped": n_dropped}
+    n_targets = text_mask.sum()                                                       # 0-d, no host sync
+    ce = F.cross_entropy(out.text_logits.float(), batch.targets[text_mask], reduction="sum") / n_targets.clamp(min=1)
+    parts = {"ce": ce.detach(), "text_targets": n_targets, "images": len(gen), "cfg_dropped": n_dropped}
 
     if len(gen) == 0 or cfg.image_weight == 0:
         img_loss = out.latent_out.sum() * 0.0
@@ -188,7 +187,7 @@ def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds,
         err = (G - v_target).pow(2).mean(-1)                                          # (B, L)
         per_img = _gather_images(err.unsqueeze(-1), noise_tok, batch.image_grid, gen).mean(dim=(1, 2))
         img_loss = per_img.mean()
-        parts["flow"] = float(img_loss.detach())
+        parts["flow"] = img_loss.detach()
     else:
         y = _euler_fm(x_t, out.latent_out, _per_token(s, batch.img), t_tok, cfg.sigma_d)  # f(x_t, s, t), (B, L, C)
         y_target = _target_pass(model, batch, x, eps, r, s, mask, cfg)               # f(x_r, s, r), (B, L, C)
@@ -211,12 +210,12 @@ def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds,
                 losses.append(imm.mmd_loss(yi[None, k:], yt[None, k:], tg[n_full:], sg[n_full:], **kw))
         per_group = torch.cat(losses)                                                 # (G,)
         img_loss = group_mean(per_group, [len(g) for g in groups], cfg.partial_group).float()
-        parts["imm"] = float(img_loss.detach())
+        parts["imm"] = img_loss.detach()
         parts["groups"] = len(groups)
         parts["t_mean"] = float(t[gen.cpu()].mean())
         parts["k"] = k_now
     loss = cfg.text_weight * ce + cfg.image_weight * img_loss
-    parts["loss"] = float(loss.detach())
+    parts["loss"] = loss.detach()
     return loss, parts
 
 

@@ -181,7 +181,7 @@ def quick_eval(engine, cfg: Config, special, rank: int, world: int, device, agre
         with engine.autocast():
             _, parts = compute_loss(model, batch.to(device), cfg.objective, special, attention=cfg.model.attention,
                                     n_heads=cfg.model.n_heads, generator=gen)
-        sums += torch.tensor([parts.get(k, 0.0) for k in LOSS_KEYS] + [1.0], dtype=torch.float64)
+        sums += torch.tensor([float(parts.get(k, 0.0)) for k in LOSS_KEYS] + [1.0], dtype=torch.float64)
     model.train(was)
     sums = all_reduce_sum(sums, world)
     n = max(1.0, float(sums[-1]))
@@ -282,7 +282,7 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
                                        n_heads=cfg.model.n_heads, generator=gen, step=engine.step_count)
         engine.backward(loss)
         info = engine.step()
-        for k in LOSS_KEYS:
+        for k in LOSS_KEYS:                   # device tensors: summed there, read at the log step
             acc["loss_sums"][k] += parts.get(k, 0.0)
         for k in COUNT_KEYS:
             acc["counts"][k] += parts.get(k, 0)
@@ -325,8 +325,8 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
     export(out, engine, cfg, step)
     metrics.close()
     final = _final_model(engine, cfg, text_tok, image_tok, device)
-    return {"step": step, "parts": parts, "seconds": time.perf_counter() - t0, "out": str(out),
-            "model": final, "text_tok": text_tok, "image_tok": image_tok, "special": special}
+    return {"step": step, "parts": {k: float(v) for k, v in parts.items()}, "seconds": time.perf_counter() - t0,
+            "out": str(out), "model": final, "text_tok": text_tok, "image_tok": image_tok, "special": special}
 
 
 def engine_is_zero3(engine) -> bool:
