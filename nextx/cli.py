@@ -41,6 +41,9 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "reference": ("evals.reference:main", "calibration: a minimal DiT-style flow model on the same shards and scorer"),
         "attention": ("evals.attention_locality:main", "attention inside an image: mass, entropy, cell distance per layer"),
     },
+    "clip": {
+        "train": ("evals.clip_train:main", "a small in-domain CLIP on nextx shards (open_clip classes and loss)"),
+    },
     "train": {"": ("nextx.train:main", "train a model: CONFIG [key=value ...] (torchrun/deepspeed launchable)")},
     "t2i": {"": ("nextx.infer:t2i_main", "text-to-image: RUN --prompt ... | --prompts-file F --out DIR")},
     "caption": {"": ("nextx.infer:caption_main", "caption images: RUN IMAGES... --out captions.json|.csv")},

@@ -1,0 +1,107 @@
+"""CLIP alignment with open_clip: CLIPScore, caption similarity and retrieval recall, any architecture, local weights.
+
+    clip = Clip.load("local-dir:runs/clip")                       # a dir with open_clip_config.json + weights
+    clip = Clip.load("ViT-B-32", pretrained="/models/vitb32.bin")  # a registered architecture + a local file
+    s = clip.score(images, prompts)                               # (n,) CLIPScore = 100 * max(cos, 0)
+    r = retrieval_recall(clip.images(images), clip.texts(prompts)) # text->image and image->text recall@1/5
+
+CLIPScore follows Hessel et al. (2021): 100 · max(cos(image, text), 0) per (image, text) pair (their w = 2.5 scaling is
+left out, as torchmetrics does). Nothing is downloaded: weights come from a local file or folder, and a missing one is
+an error that says how to make one (`nextx clip train`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+LOCAL_DIR = "local-dir:"
+
+
+def _no_weights(where: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"no CLIP weights at {where}. nextx never downloads: give a local open_clip checkpoint (an architecture name "
+        f"and --clip-pretrained FILE), or a folder with open_clip_config.json and its weights, e.g. one made by "
+        f"`nextx clip train --shards DIR --out DIR`")
+
+
+@dataclass
+class Clip:
+    """An open_clip model in eval mode with its image preprocessing and tokenizer."""
+
+    model: torch.nn.Module
+    preprocess: object
+    tokenizer: object
+    device: torch.device
+
+    @classmethod
+    def load(cls, name: str, pretrained: str | None = None, device: str = "cpu") -> "Clip":
+        """name: an open_clip architecture (with `pretrained` a local weights file), or `local-dir:DIR` / a folder
+        holding open_clip_config.json and weights (`nextx clip train` writes one)."""
+        import open_clip
+
+        if not name.startswith(LOCAL_DIR) and Path(name).is_dir():
+            name = LOCAL_DIR + name
+        if name.startswith(LOCAL_DIR):
+            d = Path(name[len(LOCAL_DIR):])
+            if not (d / "open_clip_config.json").is_file() or not any(d.glob("*.safetensors")) and not any(
+                    d.glob("*.bin")):
+                raise _no_weights(str(d))
+            pretrained = None
+        elif pretrained is None or not Path(pretrained).is_file():
+            raise _no_weights(str(pretrained))
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+        return cls(model.eval(), preprocess, open_clip.get_tokenizer(name), torch.device(device))
+
+    @torch.no_grad()
+    def images(self, images: Sequence, batch: int = 64) -> torch.Tensor:
+        """PIL images -> (n, E) L2-normalised image embeddings (float32, CPU)."""
+        out = []
+        for i in range(0, len(images), batch):
+            x = torch.stack([self.preprocess(im.convert("RGB")) for im in images[i:i + batch]]).to(self.device)
+            out.append(torch.nn.functional.normalize(self.model.encode_image(x).float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, 0)
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str], batch: int = 256) -> torch.Tensor:
+        """Strings -> (n, E) L2-normalised text embeddings (float32, CPU)."""
+        out = []
+        for i in range(0, len(texts), batch):
+            tok = self.tokenizer(list(texts[i:i + batch])).to(self.device)
+            out.append(torch.nn.functional.normalize(self.model.encode_text(tok).float(), dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, 0)
+
+    def score(self, images: Sequence, texts: Sequence[str]) -> torch.Tensor:
+        """CLIPScore of each (image, text) pair: (n,) = 100 * max(cos, 0)."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts: CLIPScore scores pairs")
+        return clip_score(self.images(images), self.texts(texts))
+
+
+def clip_score(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """(n, E), (n, E) normalised embeddings of pairs -> (n,) 100 * max(cos, 0)."""
+    return 100.0 * (image_emb * text_emb).sum(-1).clamp(min=0)
+
+
+def retrieval_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict:
+    """Row i of each is a matching pair. -> {"t2i@k": share of texts whose image ranks in the top k among all images,
+    "i2t@k": the same for images, "chance@k": k / n}."""
+    n = len(image_emb)
+    sim = text_emb @ image_emb.T                                              # (n texts, n images)
+    target = torch.arange(n)
+    out = {}
+    for k in ks:
+        kk = min(k, n)
+        out[f"t2i@{k}"] = float((sim.topk(kk, dim=1).indices == target[:, None]).any(1).float().mean())
+        out[f"i2t@{k}"] = float((sim.T.topk(kk, dim=1).indices == target[:, None]).any(1).float().mean())
+        out[f"chance@{k}"] = kk / n
+    return out
+
+
+def preference_rate(clip: Clip, images: Sequence, true_texts: Sequence[str], changed: Sequence[str]) -> float:
+    """Share of images whose true caption scores above the same caption with one fact changed."""
+    img = clip.images(images)
+    return float(((img * clip.texts(true_texts)).sum(-1) > (img * clip.texts(changed)).sum(-1)).float().mean())
