@@ -105,3 +105,35 @@ def preference_rate(clip: Clip, images: Sequence, true_texts: Sequence[str], cha
     """Share of images whose true caption scores above the same caption with one fact changed."""
     img = clip.images(images)
     return float(((img * clip.texts(true_texts)).sum(-1) > (img * clip.texts(changed)).sum(-1)).float().mean())
+
+
+FACT_CHANGES = ("colour", "shape", "position", "count")
+
+
+def change_one_fact(caption: str, fact: str, rng) -> str | None:
+    """A shapes caption with one fact changed (data_tools.shapes grammar), or None when the fact is absent: colour or
+    shape of the first object to another value; position of the first object that states one to another cell;
+    count: one object fewer (the last), or one more for a single-object caption (a copy of it in another colour)."""
+    from dataclasses import replace
+
+    from data_tools.shapes import CELLS, PALETTE, SHAPES, Caption, format_caption, parse_caption
+
+    c = parse_caption(caption)
+    nps = list(c.nps)
+    if fact == "colour":
+        nps[0] = replace(nps[0], colour=rng.choice([k for k in PALETTE if k != nps[0].colour]))
+    elif fact == "shape":
+        nps[0] = replace(nps[0], shape=rng.choice([k for k in SHAPES if k != nps[0].shape]))
+    elif fact == "position":
+        at = [i for i, n in enumerate(nps) if n.cell]
+        if not at:
+            return None
+        nps[at[0]] = replace(nps[at[0]], cell=rng.choice([k for k in CELLS if k != nps[at[0]].cell]))
+    elif fact == "count":
+        if len(nps) > 1:
+            return format_caption(Caption(tuple(nps[:-1])))
+        other = replace(nps[0], colour=rng.choice([k for k in PALETTE if k != nps[0].colour]), cell=None)
+        return format_caption(Caption((nps[0], other)))
+    else:
+        raise ValueError(f"fact must be one of {FACT_CHANGES}, got {fact!r}")
+    return format_caption(Caption(tuple(nps), c.relation))

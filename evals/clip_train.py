@@ -57,6 +57,31 @@ def load_pairs(shards: list[str], split: str, limit: int | None = None) -> tuple
     return images, texts
 
 
+def fact_preferences(clip, images: list, texts: list[str], seed: int = 0) -> dict:
+    """Per fact type: the share of held-out renders whose true caption scores above the same caption with that one
+    fact changed (`clip_align.change_one_fact`), and how many captions had the fact. Captions outside the shapes
+    language (other data) give an empty dict."""
+    import random
+
+    from data_tools.shapes import ParseError
+    from evals.clip_align import FACT_CHANGES, change_one_fact, preference_rate
+
+    rng, out = random.Random(seed), {}
+    for fact in FACT_CHANGES:
+        pairs = []
+        for im, t in zip(images, texts):
+            try:
+                c = change_one_fact(t, fact, rng)
+            except ParseError:
+                return {}
+            if c is not None:
+                pairs.append((im, t, c))
+        if pairs:
+            ims, ts, cs = zip(*pairs)
+            out[fact] = {"rate": preference_rate(clip, list(ims), list(ts), list(cs)), "n": len(pairs)}
+    return out
+
+
 def save(out: Path, model, cfg: dict, preprocess_cfg: dict) -> None:
     """open_clip_config.json + open_clip_model.safetensors (local-dir loading) and nextx-clip.json (by name)."""
     from safetensors.torch import save_file
@@ -168,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
               "config": cfg}
     if held_images:
         report["heldout"] = retrieval_recall(clip.images(held_images), clip.texts(held_texts))
+        report["one_fact_changed"] = fact_preferences(clip, held_images, held_texts, a.seed)
     (out / "clip_eval.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report.get("heldout", {}), indent=2))
     print(f"-> {out} (load: open_clip.create_model_and_transforms('local-dir:{out}'))")

@@ -75,3 +75,24 @@ def test_missing_weights_say_how_to_make_them(tmp_path):
         Clip.load("ViT-B-32", pretrained=str(tmp_path / "nope.bin"))
     with pytest.raises(FileNotFoundError, match="nextx clip train"):
         Clip.load(str(tmp_path))
+
+
+def test_change_one_fact_changes_exactly_that_fact():
+    import random
+
+    from data_tools.shapes import parse_caption
+    from evals.clip_align import change_one_fact
+
+    rng = random.Random(0)
+    cap = "a small purple heart in the top middle and a red circle"
+    a = parse_caption(cap)
+    for fact, field in (("colour", "colour"), ("shape", "shape"), ("position", "cell")):
+        b = parse_caption(change_one_fact(cap, fact, rng))
+        assert getattr(b.nps[0], field) != getattr(a.nps[0], field)
+        for f in ("colour", "shape", "size", "cell"):
+            if f != field:
+                assert getattr(b.nps[0], f) == getattr(a.nps[0], f)
+        assert b.nps[1] == a.nps[1]
+    assert change_one_fact(cap, "count", rng) == "a small purple heart in the top middle"
+    assert len(parse_caption(change_one_fact("a red circle", "count", rng)).nps) == 2
+    assert change_one_fact("a red circle", "position", rng) is None
