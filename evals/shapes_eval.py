@@ -41,7 +41,10 @@ def held_out_docs(cfg, n: int, split: str | None = None, shards: str | None = No
 
 @torch.no_grad()
 def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_scale: float, batch: int,
-             seed: int, out: Path | None = None, sampler: str | None = None) -> dict:
+             seed: int, out: Path | None = None, sampler: str | None = None, clip=None) -> dict:
+    """Generate and score (module docstring). clip: an `evals.clip_align.Clip` to add CLIPScore of (prompt, image)
+    per step count beside the real held-out images' and shuffled prompts', and CLIP similarity of (image, generated
+    caption) beside (image, true caption)."""
     from evals.shapes_score import score_captions
     from nextx.infer import Pipeline
     from nextx.latents import pil_to_tensor
@@ -58,6 +61,9 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
         ims = to_pil(pipe.t2i(captions, steps=k, sampler=sampler, cfg_scale=cfg_scale, seed=seed, batch_size=batch,
                               progress=True))
         res["t2i"][k] = {**score_with_chance(ims, captions, seed), "seconds": time.perf_counter() - t0}
+        if clip is not None:
+            res["t2i"][k]["clipscore"] = float(clip.score(ims, captions).mean())
+            res["t2i"][k]["clipscore_shuffled"] = float(clip.score(ims, shuffled).mean())
         grids[k] = ims
         if out is not None:
             grid_image(ims[:32], cols=8, scale=2).save(out / f"t2i_{k}step.png")
@@ -71,6 +77,12 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     res["caption"] = {"precision": cap["precision"], "recall": cap["recall"], "f1": cap["f1"], "parsed": cap["parsed"],
                       "chance_precision": cap_chance["precision"], "chance_recall": cap_chance["recall"],
                       "examples": [{"truth": a, "generated": b} for a, b in list(zip(captions, gen_caps))[:8]]}
+    if clip is not None:
+        real = to_pil(truth)
+        res["clip"] = {"real_images_clipscore": float(clip.score(real, captions).mean()),
+                       "real_images_shuffled_clipscore": float(clip.score(real, shuffled).mean()),
+                       "generated_caption_similarity": float(clip.score(real, gen_caps).mean()),
+                       "true_caption_similarity": float(clip.score(real, captions).mean())}
     if out is not None and grids:
         cols = grid_columns(captions, N_GRID_COLS)
         labelled_grid([[grids[k][i] for i in cols] for k in grids], [captions[i] for i in cols],
@@ -165,6 +177,14 @@ def format_table(res: dict) -> str:
     c = res["caption"]
     lines.append(f"captioning: precision {c['precision']:.3f} (shuffled {c['chance_precision']:.3f}), recall "
                  f"{c['recall']:.3f} (shuffled {c['chance_recall']:.3f}), parsed {c['parsed']:.3f}")
+    if "clip" in res:
+        cl = res["clip"]
+        lines.append("CLIPScore (prompt, image), 100 max(cos, 0): " + ", ".join(
+            f"{k} step{'s' if k > 1 else ''} {r['clipscore']:.1f} (shuffled {r['clipscore_shuffled']:.1f})"
+            for k, r in res["t2i"].items()) + f"; real held-out images {cl['real_images_clipscore']:.1f} "
+            f"(shuffled {cl['real_images_shuffled_clipscore']:.1f})")
+        lines.append(f"CLIP similarity (image, caption): generated {cl['generated_caption_similarity']:.1f}, "
+                     f"true {cl['true_caption_similarity']:.1f}")
     for e in c["examples"][:4]:
         lines.append(f"  truth: {e['truth']!r:60} generated: {e['generated']!r}")
     return "\n".join(lines)
@@ -186,7 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", action="store_true", help="the export's EMA weights (runs trained with optim.ema_decay)")
     p.add_argument("--out", default=None, help="dir for eval.json and grids (default: RUN/eval_shapes)")
+    p.add_argument("--clip", default=None, help="add CLIPScore: an open_clip folder (`nextx clip train` output) or "
+                   "an architecture name with --clip-pretrained")
+    p.add_argument("--clip-pretrained", default=None, help="local open_clip weights file for --clip NAME")
     a = p.parse_args(argv)
+    clip = None
+    if a.clip:
+        from evals.clip_align import Clip
+
+        clip = Clip.load(a.clip, a.clip_pretrained)
     from nextx.checkpoint import load_for_inference
 
     model, cfg, text_tok, image_tok, special = load_for_inference(a.run, ema=a.ema)
@@ -195,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     docs = held_out_docs(cfg, a.n, a.split, a.shards)
     steps = [int(x) for x in a.steps.split(",")]
     res = run_eval(model, cfg, text_tok, image_tok, special, docs, steps, cfg_scale=a.cfg_scale, batch=a.batch,
-                   seed=a.seed, out=out, sampler=a.sampler)
+                   seed=a.seed, out=out, sampler=a.sampler, clip=clip)
     (out / "eval.json").write_text(json.dumps(res, indent=2))
     print(format_table(res))
     print(f"-> {out / 'eval.json'}")
