@@ -4,6 +4,7 @@
     clip = Clip.load("ViT-B-32", pretrained="/models/vitb32.bin")  # a registered architecture + a local file
     s = clip.score(images, prompts)                               # (n,) CLIPScore = 100 * max(cos, 0)
     r = retrieval_recall(clip.images(images), clip.texts(prompts)) # text->image and image->text recall@1/5
+    fd = frechet_distance(clip, real_images, generated_images)     # FD in the CLIP's image features
 
 CLIPScore follows Hessel et al. (2021): 100 · max(cos(image, text), 0) per (image, text) pair (their w = 2.5 scaling is
 left out, as torchmetrics does). Nothing is downloaded: weights come from a local file or folder, and a missing one is
@@ -137,3 +138,56 @@ def change_one_fact(caption: str, fact: str, rng) -> str | None:
     else:
         raise ValueError(f"fact must be one of {FACT_CHANGES}, got {fact!r}")
     return format_caption(Caption(tuple(nps), c.relation))
+
+
+class ClipImageFeatures(torch.nn.Module):
+    """The CLIP's L2-normalised image embedding as a torchmetrics feature extractor: (B, 3, H, W) floats in [0, 1]
+    -> (B, E). Images go through the CLIP's own preprocessing (as PIL images)."""
+
+    def __init__(self, clip: Clip):
+        super().__init__()
+        from PIL import Image
+
+        self.clip = clip
+        self.num_features = int(clip.images([Image.new("RGB", (8, 8))]).shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        arr = (x.detach().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype("uint8")
+        return self.clip.images([Image.fromarray(a) for a in arr]).double()
+
+
+def frechet_distance(clip: Clip, real: Sequence, fake: Sequence) -> float:
+    """Fréchet distance between two sets of PIL images in the CLIP's image features (torchmetrics' FID with the CLIP
+    as feature extractor). Both sets need more than one image."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchvision.transforms.functional import pil_to_tensor
+
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError(f"a Fréchet distance needs at least 2 images per set, got {len(real)} and {len(fake)}")
+    fid = FrechetInceptionDistance(feature=ClipImageFeatures(clip), normalize=True)
+
+    def batch(ims):
+        size = ims[0].size
+        return torch.stack([pil_to_tensor(im.convert("RGB").resize(size)) for im in ims]).float() / 255
+
+    fid.update(batch(list(real)), real=True)
+    fid.update(batch(list(fake)), real=False)
+    return float(fid.compute())
+
+
+def fd_floor_ceiling(clip: Clip, real: Sequence, seed: int = 0) -> dict:
+    """The two references printed beside an FD: the floor (a random half of the real images against the other half)
+    and the ceiling (the real images against as many images of uniform noise)."""
+    import numpy as np
+    from PIL import Image
+
+    real = list(real)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(real))
+    h = len(real) // 2
+    w, hh = real[0].size
+    noise = [Image.fromarray(rng.integers(0, 256, (hh, w, 3), dtype=np.uint8)) for _ in real]
+    return {"floor_real_vs_real": frechet_distance(clip, [real[i] for i in order[:h]], [real[i] for i in order[h:]]),
+            "ceiling_real_vs_noise": frechet_distance(clip, real, noise)}

@@ -62,8 +62,11 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
                               progress=True))
         res["t2i"][k] = {**score_with_chance(ims, captions, seed), "seconds": time.perf_counter() - t0}
         if clip is not None:
+            from evals.clip_align import frechet_distance
+
             res["t2i"][k]["clipscore"] = float(clip.score(ims, captions).mean())
             res["t2i"][k]["clipscore_shuffled"] = float(clip.score(ims, shuffled).mean())
+            res["t2i"][k]["fd"] = frechet_distance(clip, [d.images[0].pixels for d in docs], ims)
         grids[k] = ims
         if out is not None:
             grid_image(ims[:32], cols=8, scale=2).save(out / f"t2i_{k}step.png")
@@ -79,7 +82,10 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
                       "examples": [{"truth": a, "generated": b} for a, b in list(zip(captions, gen_caps))[:8]]}
     if clip is not None:
         real = to_pil(truth)
-        res["clip"] = {"real_images_clipscore": float(clip.score(real, captions).mean()),
+        from evals.clip_align import fd_floor_ceiling
+
+        res["clip"] = {**fd_floor_ceiling(clip, real, seed),
+                       "real_images_clipscore": float(clip.score(real, captions).mean()),
                        "real_images_shuffled_clipscore": float(clip.score(real, shuffled).mean()),
                        "generated_caption_similarity": float(clip.score(real, gen_caps).mean()),
                        "true_caption_similarity": float(clip.score(real, captions).mean())}
@@ -185,6 +191,10 @@ def format_table(res: dict) -> str:
             f"(shuffled {cl['real_images_shuffled_clipscore']:.1f})")
         lines.append(f"CLIP similarity (image, caption): generated {cl['generated_caption_similarity']:.1f}, "
                      f"true {cl['true_caption_similarity']:.1f}")
+        lines.append("Frechet distance to the held-out images in CLIP features: " + ", ".join(
+            f"{k} step{'s' if k > 1 else ''} {r['fd']:.3f}" for k, r in res["t2i"].items())
+            + f" (floor, real vs real {cl['floor_real_vs_real']:.3f}; ceiling, real vs noise "
+            f"{cl['ceiling_real_vs_noise']:.3f})")
     for e in c["examples"][:4]:
         lines.append(f"  truth: {e['truth']!r:60} generated: {e['generated']!r}")
     return "\n".join(lines)

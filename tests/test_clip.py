@@ -96,3 +96,19 @@ def test_change_one_fact_changes_exactly_that_fact():
     assert change_one_fact(cap, "count", rng) == "a small purple heart in the top middle"
     assert len(parse_caption(change_one_fact("a red circle", "count", rng)).nps) == 2
     assert change_one_fact("a red circle", "position", rng) is None
+
+
+def test_frechet_distance_in_clip_features(clip_dir):
+    """FD of a set against itself is ~0; the floor (half vs half of the real images) sits below the ceiling (real vs
+    noise)."""
+    from PIL import Image
+
+    from evals.clip_align import Clip, fd_floor_ceiling, frechet_distance
+
+    clip = Clip.load(str(clip_dir / "clip"))
+    real = [Image.new("RGB", (32, 32), (int(c), 128, 255 - int(c))) for c in torch.linspace(0, 255, 24)]
+    assert abs(frechet_distance(clip, real, real)) < 1e-6
+    ref = fd_floor_ceiling(clip, real)
+    assert 0 <= ref["floor_real_vs_real"] < ref["ceiling_real_vs_noise"]
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance(clip, real[:1], real)
