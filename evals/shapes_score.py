@@ -91,22 +91,47 @@ def _components(fg: np.ndarray, label: np.ndarray) -> np.ndarray:
         ids = new
 
 
-def _fit_shape(soft: np.ndarray, area: float, cx: float, cy: float) -> tuple[str, float, float]:
-    """Best template for a soft mask (H, W), given its soft area and centroid in pixels -> (shape, side, L1)."""
+BLUR_SIGMAS = (0.0, 0.5, 1.0, 1.5)  # template blurs tried in the shape fit (px): generated images are soft-edged
+
+
+def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of an (H, W) array (zero outside), kernel radius ceil(3 sigma)."""
+    if sigma <= 0:
+        return x
+    r = int(np.ceil(3 * sigma))
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    k /= k.sum()
+    x = np.pad(x, r)
+    x = np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 0, x)     # (H, W + 2r)
+    return np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), 1, x)  # (H, W)
+
+
+def _fit_shape(soft: np.ndarray, area: float, cx: float, cy: float,
+               region: np.ndarray | None = None) -> tuple[str, float, float]:
+    """Best template for a soft mask (H, W), given its soft area and centroid in pixels -> (shape, side, L1).
+
+    Each template is also tried blurred by BLUR_SIGMAS and cut to `region` (the pixels the soft mask was read
+    from), so a blurred object is compared with blurred templates: its soft edges do not turn a star into a circle.
+    The window is the object's bounding box with a margin of 3 blur sigmas."""
     h, w = soft.shape
+    region = np.ones_like(soft, dtype=bool) if region is None else region
     ys, xs = np.nonzero(soft > 0)
+    m = int(np.ceil(3 * max(BLUR_SIGMAS))) + 1
     best = ("", 0.0, np.inf)
     for s in SHAPES:
         a, off, wh = GEOMETRY[s]
         side = float(np.sqrt(area / a))                       # box side giving the observed area
         centre = (cx - off[0] * side, cy - off[1] * side)     # box centre from the centroid
-        x0 = max(min(xs.min(), int(centre[0] - wh[0] * side / 2)) - 1, 0)
-        y0 = max(min(ys.min(), int(centre[1] - wh[1] * side / 2)) - 1, 0)
-        x1 = min(max(xs.max() + 1, int(np.ceil(centre[0] + wh[0] * side / 2))) + 1, w)
-        y1 = min(max(ys.max() + 1, int(np.ceil(centre[1] + wh[1] * side / 2))) + 1, h)
-        dist = float(np.abs(soft[y0:y1, x0:x1] - coverage(s, centre, side, (x0, y0, x1, y1))).sum() / area)
-        if dist < best[2]:
-            best = (s, side, dist)
+        x0 = max(min(xs.min(), int(centre[0] - wh[0] * side / 2)) - m, 0)
+        y0 = max(min(ys.min(), int(centre[1] - wh[1] * side / 2)) - m, 0)
+        x1 = min(max(xs.max() + 1, int(np.ceil(centre[0] + wh[0] * side / 2))) + m, w)
+        y1 = min(max(ys.max() + 1, int(np.ceil(centre[1] + wh[1] * side / 2))) + m, h)
+        tmpl = coverage(s, centre, side, (x0, y0, x1, y1))
+        win, reg = soft[y0:y1, x0:x1], region[y0:y1, x0:x1]
+        for sigma in BLUR_SIGMAS:
+            dist = float(np.abs(win - _blur(tmpl, sigma) * reg).sum() / area)
+            if dist < best[2]:
+                best = (s, side, dist)
     return best
 
 
@@ -132,13 +157,13 @@ def detect(image: PILImage.Image | np.ndarray) -> list[dict]:
     for cid in np.unique(comp[comp >= 0]):
         mask = comp == cid
         k = int(label.flat[cid])
-        region = _dilate(mask) & ~(fg & ~mask)            # the component and its edge ring, not other objects
+        region = mask | (_dilate(_dilate(mask)) & ~_dilate(fg & ~mask))  # + a 2 px ring, clear of other objects
         soft = np.where(region, alpha[..., k], 0.0)
         area = float(soft.sum())
         if area < MIN_AREA * h * w:
             continue
         cx, cy = float(soft.sum(0) @ grid / area), float(soft.sum(1) @ grid / area)
-        shape, side, fit = _fit_shape(soft, area, cx, cy)
+        shape, side, fit = _fit_shape(soft, area, cx, cy, region)
         ys, xs = np.nonzero(soft >= 0.5)
         objects.append({
             "colour": _COLOURS[k], "shape": shape, "size": "large" if side / w >= SIZE_THRESHOLD else "small",
