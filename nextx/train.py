@@ -282,8 +282,9 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
                                        n_heads=cfg.model.n_heads, generator=gen, step=engine.step_count)
         engine.backward(loss)
         info = engine.step()
-        for k in LOSS_KEYS:                   # device tensors: summed there, read at the log step
-            acc["loss_sums"][k] += parts.get(k, 0.0)
+        for k in LOSS_KEYS:                   # device tensors: summed there in float64, read at the log step
+            v = parts.get(k, 0.0)
+            acc["loss_sums"][k] += v.double() if isinstance(v, torch.Tensor) else v
         for k in COUNT_KEYS:
             acc["counts"][k] += parts.get(k, 0)
         acc["micro"] += 1
