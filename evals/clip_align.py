@@ -177,17 +177,22 @@ def frechet_distance(clip: Clip, real: Sequence, fake: Sequence) -> float:
     return float(fid.compute())
 
 
-def fd_floor_ceiling(clip: Clip, real: Sequence, seed: int = 0) -> dict:
-    """The two references printed beside an FD: the floor (a random half of the real images against the other half)
-    and the ceiling (the real images against as many images of uniform noise)."""
+def fd_floor_ceiling(clip: Clip, real: Sequence, reference: Sequence | None = None, seed: int = 0) -> dict:
+    """The two references printed beside an FD of generated images against `real`: the floor, `real` against
+    `reference` (as many other real images, e.g. other scenes of the same world: the FD of a perfect generator, at
+    the same set sizes), or, without one, a random half of `real` against the other half (smaller sets, so biased
+    upward); and the ceiling, `real` against as many images of uniform noise."""
     import numpy as np
     from PIL import Image
 
     real = list(real)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(real))
-    h = len(real) // 2
     w, hh = real[0].size
     noise = [Image.fromarray(rng.integers(0, 256, (hh, w, 3), dtype=np.uint8)) for _ in real]
-    return {"floor_real_vs_real": frechet_distance(clip, [real[i] for i in order[:h]], [real[i] for i in order[h:]]),
-            "ceiling_real_vs_noise": frechet_distance(clip, real, noise)}
+    if reference is not None:
+        floor = frechet_distance(clip, real, list(reference))
+    else:
+        order = rng.permutation(len(real))
+        h = len(real) // 2
+        floor = frechet_distance(clip, [real[i] for i in order[:h]], [real[i] for i in order[h:]])
+    return {"floor_real_vs_real": floor, "ceiling_real_vs_noise": frechet_distance(clip, real, noise)}

@@ -110,5 +110,6 @@ def test_frechet_distance_in_clip_features(clip_dir):
     assert abs(frechet_distance(clip, real, real)) < 1e-6
     ref = fd_floor_ceiling(clip, real)
     assert 0 <= ref["floor_real_vs_real"] < ref["ceiling_real_vs_noise"]
+    assert abs(fd_floor_ceiling(clip, real, reference=list(real))["floor_real_vs_real"]) < 1e-6
     with pytest.raises(ValueError, match="at least 2"):
         frechet_distance(clip, real[:1], real)
