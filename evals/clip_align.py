@@ -48,8 +48,8 @@ class Clip:
             name = LOCAL_DIR + name
         if name.startswith(LOCAL_DIR):
             d = Path(name[len(LOCAL_DIR):])
-            if not (d / "open_clip_config.json").is_file() or not any(d.glob("*.safetensors")) and not any(
-                    d.glob("*.bin")):
+            has_weights = any(d.glob("*.safetensors")) or any(d.glob("*.bin"))
+            if not (d / "open_clip_config.json").is_file() or not has_weights:
                 raise _no_weights(str(d))
             pretrained = None
         elif pretrained is None or not Path(pretrained).is_file():
