@@ -60,7 +60,9 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
         t0 = time.perf_counter()
         ims = to_pil(pipe.t2i(captions, steps=k, sampler=sampler, cfg_scale=cfg_scale, seed=seed, batch_size=batch,
                               progress=True))
-        res["t2i"][k] = {**score_with_chance(ims, captions, seed), "seconds": time.perf_counter() - t0}
+        t_gen = time.perf_counter() - t0
+        res["t2i"][k] = {**score_with_chance(ims, captions, seed), "seconds": time.perf_counter() - t0,
+                         "gen_seconds": t_gen}
         if clip is not None:
             from evals.clip_align import frechet_distance
 

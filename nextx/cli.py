@@ -40,6 +40,8 @@ COMMANDS: dict[str, dict[str, tuple[str, str]]] = {
         "overfit": ("evals.overfit:main", "learning proof: overfit 8 shapes images, generate and caption them back"),
         "reference": ("evals.reference:main", "calibration: a minimal DiT-style flow model on the same shards and scorer"),
         "attention": ("evals.attention_locality:main", "attention inside an image: mass, entropy, cell distance per layer"),
+        "report": ("evals.report:main", "the full report: IMM 1/2/4/8 (+ flow 8/25/50) steps, exact scores, CLIP, "
+                   "FD, latency, captions, perplexity -> report.md/json + plots"),
     },
     "clip": {
         "train": ("evals.clip_train:main", "a small in-domain CLIP on nextx shards (open_clip classes and loss)"),

@@ -203,6 +203,10 @@ class TrainConfig:
     save_every: int = 500         # checkpoint interval in steps (0 = only at the end)
     sample_every: int = 0         # sample grids interval (0 = off)
     eval_every: int = 0           # quick eval interval (0 = off)
+    report_every: int = 0         # the `nextx eval report` section of this model (exact scores at IMM 1/2/4/8 or
+                                  # flow 8/25/50 steps, captions, perplexity) on report_prompts held-out shapes
+                                  # prompts of data.val_shards -> RUN/reports/step_N/ and metrics (0 = off)
+    report_prompts: int = 32
     seed: int = 0
     threads: int = 0              # torch CPU threads (0 = torch default)
     resume: Literal["auto", "never", "must"] = "auto"  # auto: continue from checkpoints/latest of the run dir
@@ -216,10 +220,11 @@ class TrainConfig:
 
     def check(self, p: str = "train") -> None:
         _require(self.steps > 0 and self.log_every > 0, f"{p}.steps/log_every", "must be > 0")
-        for k in ("save_every", "sample_every", "eval_every", "threads", "keep_checkpoints", "peak_tflops"):
+        for k in ("save_every", "sample_every", "eval_every", "report_every", "threads", "keep_checkpoints",
+                  "peak_tflops"):
             _require(getattr(self, k) >= 0, f"{p}.{k}", "must be >= 0")
-        _require(self.eval_batches > 0 and self.sample_prompts > 0, f"{p}.eval_batches/sample_prompts",
-                 "must be > 0")
+        _require(self.eval_batches > 0 and self.sample_prompts > 0 and self.report_prompts > 0,
+                 f"{p}.eval_batches/sample_prompts/report_prompts", "must be > 0")
 
 
 @dataclass
@@ -244,6 +249,8 @@ class Config:
         _require(bool(self.name) and "/" not in self.name, "name", f"must be non-empty without '/', got {self.name!r}")
         _require(self.objective.text_weight > 0 or self.data.t2i_ratio == 1.0, "objective.text_weight",
                  "is 0 but data.t2i_ratio < 1 lays out captioning pairs whose only loss is text")
+        _require(not self.train.report_every or bool(self.data.val_shards), "train.report_every",
+                 "needs data.val_shards (held-out shapes shards) for its prompts")
         return self
 
     @property

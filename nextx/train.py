@@ -154,6 +154,52 @@ def sample_grid(model, cfg: Config, examples, text_tok, image_tok, special, out:
          "captions": [{"truth": t, "generated": g} for t, g in zip(caps, gen_caps)]}, indent=2))
 
 
+def report_docs(cfg: Config) -> list:
+    """The held-out documents of the periodic report (`train.report_every`): the first train.report_prompts of the
+    val split; they must be shapes scenes (the exact scorer reads their objects). Checked before the first step."""
+    if not cfg.train.report_every:
+        return []
+    from evals.shapes_eval import held_out_docs
+
+    docs = held_out_docs(cfg, cfg.train.report_prompts)
+    if not all(d.is_pair() and "objects" in d.meta for d in docs):
+        raise SystemExit(f"train.report_every: the val split of {cfg.data.val_shards} is not shapes scenes (the exact "
+                         "scorer needs their objects); use `nextx eval report --clip` on other data, or set "
+                         "train.report_every=0")
+    return docs
+
+
+def periodic_report(model, cfg: Config, docs, text_tok, image_tok, special, out: Path, step: int) -> dict:
+    """`evals.report.evaluate` on the fixed report prompts (IMM 1/2/4/8 or flow 8/25/50 steps) -> the report in
+    RUN/reports/step_N/ (rank 0 writes) and its headline figures as one metrics record. Every rank runs it under
+    ZeRO-3 (gathers are collective)."""
+    from evals.report import FLOW_STEPS, IMM_STEPS, evaluate, write_report
+
+    was = model.training
+    steps = FLOW_STEPS if cfg.objective.kind == "flow" else IMM_STEPS
+    d = out / "reports" / f"step_{step:07d}"
+    rank0 = _rank() == 0
+    sec = evaluate(model, cfg, text_tok, image_tok, special, docs, steps, cfg_scale=1.0, batch=len(docs), seed=0,
+                   out=d if rank0 else None)
+    model.train(was)
+    rec = {"step": step}
+    for k, r in sec["t2i"].items():
+        rec[f"report_all_facts@{k}"] = r["all_correct"]
+        for f in ("colour", "position", "count", "shape"):
+            if f in r["accuracy"]:
+                rec[f"report_{f}@{k}"] = r["accuracy"][f]
+    rec["report_caption_precision"] = sec["caption"]["precision"]
+    for lay, v in sec["perplexity"].items():
+        rec[f"report_ppl_{lay}"] = v["perplexity"]
+    if rank0:
+        write_report({"out": str(d), "models": {cfg.objective.kind: sec}, "runs": {cfg.objective.kind: str(out)},
+                      "settings": {"n": len(docs), "prompts": f"{cfg.data.val_shards}:{cfg.data.val_split}",
+                                   "seed": 0, "cfg_scale": 1.0, "batch": len(docs), "device": str(
+                                       next(model.parameters()).device), "step": step,
+                                   "date": time.strftime("%Y-%m-%d %H:%M")}}, d)
+    return rec
+
+
 @torch.no_grad()
 def quick_eval(engine, cfg: Config, special, rank: int, world: int, device, agree=None) -> dict:
     """Mean loss parts over train.eval_batches val batches per rank (fixed generator seeds), all ranks averaged."""
@@ -250,6 +296,7 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
                           pin_memory=device.type == "cuda")
     examples = (fixed_examples(cfg, text_tok, image_tok, cfg.train.sample_prompts)
                 if cfg.train.sample_every else ([], None))
+    rep_docs = report_docs(cfg)
     metrics = Metrics(out, enabled=rank == 0)
     peak = peak_flops(cfg, device)
     bar = tqdm(total=cfg.train.steps, initial=step, disable=quiet or rank != 0 or not sys.stderr.isatty(),
@@ -315,6 +362,11 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
                     say(fmt_record({"step": step, **ev}))
         if cfg.train.sample_every and step % cfg.train.sample_every == 0 and (engine_is_zero3(engine) or rank == 0):
             sample_grid(engine.module, cfg, examples, text_tok, image_tok, special, out, step, device)
+        if cfg.train.report_every and step % cfg.train.report_every == 0 and (engine_is_zero3(engine) or rank == 0):
+            rec = periodic_report(engine.module, cfg, rep_docs, text_tok, image_tok, special, out, step)
+            metrics.write(rec)
+            if not quiet:
+                say(fmt_record(rec))
         stop = step >= cfg.train.steps or timed_out
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step != last_saved:
             _save(out, engine, cfg, step, positions, batches, world)
