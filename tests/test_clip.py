@@ -113,3 +113,60 @@ def test_frechet_distance_in_clip_features(clip_dir):
     assert abs(fd_floor_ceiling(clip, real, reference=list(real))["floor_real_vs_real"]) < 1e-6
     with pytest.raises(ValueError, match="at least 2"):
         frechet_distance(clip, real[:1], real)
+
+
+def _tiny_bert(d):
+    """A randomly initialised 1-layer BERT with a word-level vocabulary of the shapes language, saved as a local
+    Hugging Face folder (what `--lit-text` reads; the real run uses all-MiniLM-L6-v2)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from data_tools.shapes import CELLS, COLOURS, RELATIONS, SHAPES, SIZES
+
+    words = sorted({w for phrase in (*CELLS, *RELATIONS) for w in phrase.split()} | set(COLOURS) | set(SHAPES)
+                   | set(SIZES) | {"a", "an", "and", ",", "in", "the"})
+    d.mkdir()
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(str(d))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=5 + len(words), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(str(d))
+
+
+def test_lit_text_tower_is_frozen_and_the_folder_loads_alone(clip_dir, tmp_path):
+    """LiT: the pretrained text tower's weights leave training unchanged, its projection and the image tower
+    move; the output folder loads with open_clip alone in a fresh process (tokenizer and config copied in) and
+    gives the same embeddings as nextx's loader."""
+    from safetensors.torch import load_file
+    from transformers import BertModel
+
+    from evals.clip_align import Clip
+    from evals.clip_train import main as clip_main
+
+    _tiny_bert(tmp_path / "bert")
+    out = tmp_path / "lit"
+    with pytest.raises(SystemExit, match="not a Hugging Face model folder"):
+        clip_main(["--shards", str(clip_dir / "shapes"), "--out", str(out), "--lit-text", str(tmp_path)])
+    assert clip_main(["--shards", str(clip_dir / "shapes"), "--out", str(out), "--steps", "4", "--batch", "16",
+                      "--width", "32", "--layers", "1", "--embed-dim", "16", "--threads", "1", "--lr", "1e-2",
+                      "--lit-text", str(tmp_path / "bert")]) == 0
+    sd = load_file(str(out / "open_clip_model.safetensors"))
+    bert = BertModel.from_pretrained(str(tmp_path / "bert")).state_dict()
+    tower = {k[len("text.transformer."):]: v for k, v in sd.items() if k.startswith("text.transformer.")}
+    assert tower and all(torch.equal(tower[k], bert[k]) for k in tower if k in bert)
+    assert {k for k in bert if not k.startswith("pooler.")} <= set(tower)     # BERT's own pooler is not used
+    init = json.loads((out / "clip_eval.json").read_text())
+    assert init["steps"] == 4 and "t2i@1" in init["heldout"]
+    texts = ["a red circle", "a small blue star in the center"]
+    ours = Clip.load(str(out)).texts(texts)
+    code = f"""
+import json, torch, open_clip
+model, _, pre = open_clip.create_model_and_transforms("local-dir:{out}")
+model.eval()
+tok = open_clip.get_tokenizer("local-dir:{out}")
+with torch.no_grad():
+    f = model.encode_text(tok({texts!r}), normalize=True)
+print(json.dumps(f.tolist()))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert torch.allclose(ours, torch.tensor(json.loads(r.stdout.strip().splitlines()[-1])), atol=1e-5)
