@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     over = [f"data.train_shards={paths['shards']}", f"data.text_tokenizer={paths['text']}",
             f"data.image_tokenizer={paths['pixel']}", f"run_dir={out}", "name=run", f"train.steps={a.steps}",
             f"objective.kind={a.objective}", "objective.cfg_drop=0.0", "data.resample=true",
-            "data.shuffle_buffer=16", "data.pack_buffer=8", "train.save_every=0", "train.resume=never", "optim.schedule=cosine",
+            "data.shuffle_buffer=16", "data.pack_buffer=8", "train.save_every=0", "train.resume=never",
+            "train.if_exists=overwrite", "optim.schedule=cosine",
             "optim.min_lr_ratio=0.05",
             f"objective.image_weight={a.image_weight or (200.0 if a.objective == 'imm' else 4.0)}"]
     if a.objective == "imm" and a.k_ramp > 0:

@@ -56,10 +56,15 @@ def barrier() -> None:
 
 
 def fault_point(where: str, step: int) -> None:
-    """Test hook: NEXTX_FAULT=where:step (e.g. save:4, step:3) SIGKILLs this process there (a real crash)."""
+    """Test hook: NEXTX_FAULT=where:step (e.g. save:4, step:3) SIGKILLs this process there (a real crash);
+    NEXTX_FAULT=sigterm:3 / sigint:3 sends itself that signal after step 3 (pre-emption, Ctrl-C)."""
     spec = os.environ.get("NEXTX_FAULT", "")
-    if spec and spec == f"{where}:{step}":
+    if not spec:
+        return
+    if spec == f"{where}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if where == "step" and spec in (f"sigterm:{step}", f"sigint:{step}"):
+        os.kill(os.getpid(), signal.SIGTERM if spec.startswith("sigterm") else signal.SIGINT)
 
 
 def _fsync_dir(d: Path) -> None:

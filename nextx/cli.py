@@ -110,7 +110,37 @@ def print_config(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`nextx [--debug] <group> [<command>] ...`: expected errors (nextx.errors) print one message, exit 2; Ctrl-C
+    prints one line, exit 130; --debug (or NEXTX_DEBUG=1) lets every traceback through."""
+    import os
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("NEXTX_DEBUG", "") not in ("", "0")
+    if argv and argv[0] == "--debug":
+        debug, argv = True, argv[1:]
+    if debug:
+        return _dispatch(argv)
+    from nextx.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, describe
+
+    prog = "nextx"
+    if argv and argv[0] in COMMANDS:
+        prog += " " + argv[0]
+        if "" not in COMMANDS[argv[0]] and len(argv) > 1 and argv[1] in COMMANDS[argv[0]]:
+            prog += " " + argv[1]
+    try:
+        return _dispatch(argv)
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the one top-level handler: expected errors are one message
+        msg = describe(e)
+        if msg is None:
+            raise
+        print(f"{prog}: error: {msg}\n(nextx --debug ... shows the traceback)", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2

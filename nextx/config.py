@@ -23,9 +23,10 @@ from typing import Any, Literal
 import yaml
 
 from nextx import imm
+from nextx.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key and what is allowed."""
 
 
@@ -210,8 +211,11 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0              # torch CPU threads (0 = torch default)
     resume: Literal["auto", "never", "must"] = "auto"  # auto: continue from checkpoints/latest of the run dir
-                                  # when its config matches (model, data, objective, optim, dist, seed), else start
-                                  # fresh with a warning; never: always fresh; must: fail if nothing to resume
+                                  # when its config matches (model, data, objective, optim, dist, seed); never:
+                                  # never resume; must: fail if nothing to resume
+    if_exists: Literal["refuse", "new_run", "overwrite"] = "refuse"  # the run dir holds a run this one does not
+                                  # continue (another config, or resume=never): refuse naming the difference,
+                                  # write NAME-2 (NAME-3, ...) instead, or delete the old run's outputs first
     keep_checkpoints: int = 0     # keep only the newest N checkpoints (0 = keep all)
     export_on_save: bool = False  # also write exports/step_N/ (safetensors) at every save, not only at the end
     eval_batches: int = 4         # val batches per rank in the quick eval (train.eval_every)
@@ -246,7 +250,8 @@ class Config:
         _require((self.objective.grouping == "copies") == (self.data.noise_copies > 1), "objective.grouping",
                  f"'{self.objective.grouping}' with data.noise_copies={self.data.noise_copies}: grouping=copies needs "
                  "data.noise_copies >= 2 (the particles), grouping=images needs data.noise_copies=1")
-        _require(bool(self.name) and "/" not in self.name, "name", f"must be non-empty without '/', got {self.name!r}")
+        _require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+                 f"must be a plain directory name (non-empty, no '/', not . or ..), got {self.name!r}")
         _require(self.objective.text_weight > 0 or self.data.t2i_ratio == 1.0, "objective.text_weight",
                  "is 0 but data.t2i_ratio < 1 lays out captioning pairs whose only loss is text")
         _require(not self.train.report_every or bool(self.data.val_shards), "train.report_every",
@@ -366,7 +371,10 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
-    return key, (yaml.safe_load(raw) if raw.strip() else "")
+    try:
+        return key, (yaml.safe_load(raw) if raw.strip() else "")
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: its value is not valid YAML ({getattr(e, 'problem', e)})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -376,7 +384,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{p}: YAML syntax error{where}: {problem}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping, got {type(loaded).__name__}")
         _merge(tree, loaded, "")

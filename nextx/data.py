@@ -291,7 +291,13 @@ def _with_stats(row: Row, stats: dict) -> Row:
 
 
 def _worker_init(_):
+    import signal
+
     torch.set_num_threads(1)  # workers encode a few images each; oversubscribing 2 cores hurts the trainer
+    # Ctrl-C and SLURM's SIGTERM reach the whole process group: the trainer saves and stops, its workers must not
+    # die first (they exit with their parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclass

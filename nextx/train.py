@@ -21,6 +21,7 @@ the objective returns; token counts come from the CPU batch before the copy).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -70,25 +71,45 @@ def _resume_keys(cfg: Config) -> dict:
     return {k: d[k] for k in ("model", "data", "objective", "optim", "dist")} | {"seed": d["train"]["seed"]}
 
 
-def find_resume(cfg: Config, out: Path) -> Path | None:
-    """The checkpoint to continue from, per train.resume (see TrainConfig)."""
-    if cfg.train.resume == "never":
-        return None
-    d = latest_checkpoint(out)
-    if d is None:
+def find_resume(cfg: Config, out: Path) -> tuple[Path, Path | None]:
+    """-> (the run dir to write, the checkpoint to continue from or None), per train.resume and train.if_exists
+    (see TrainConfig and nextx.rundir). Decided identically on every rank before any rank writes."""
+    from nextx.rundir import conflict_message, next_free
+
+    if not (out / "config.yaml").is_file():
         if cfg.train.resume == "must":
+            raise ConfigError(f"train.resume: 'must' but {out} holds no run")
+        return out, None
+    old = load_run_config(out / "config.yaml")
+    a, b = _resume_keys(old), _resume_keys(cfg)
+    diff = [k for k in a if a[k] != b[k]]
+    if not diff and cfg.train.resume != "never":
+        d = latest_checkpoint(out)
+        if d is None and cfg.train.resume == "must":
             raise ConfigError(f"train.resume: 'must' but {out}/checkpoints has no complete checkpoint")
-        return None
-    old = load_run_config(d / "config.yaml")
-    if _resume_keys(old) != _resume_keys(cfg):
-        a, b = _resume_keys(old), _resume_keys(cfg)
-        diff = [k for k in a if a[k] != b[k]]
-        if cfg.train.resume == "must":
-            raise ConfigError(f"train.resume: {d} was written with a different config ({', '.join(diff)})")
-        print0(f"warning: not resuming {d}: its config differs in {', '.join(diff)}; starting fresh "
-               f"(train.resume=never silences this)")
-        return None
-    return d
+        return out, d
+    if cfg.train.resume == "must":
+        raise ConfigError(f"train.resume: {out} was written with a different config ({', '.join(diff)})")
+    if cfg.train.if_exists == "new_run":
+        new = next_free(out)
+        print0(f"{out} holds another run ({', '.join(diff) or 'train.resume=never'}): writing {new} "
+               "(train.if_exists=new_run)")
+        return new, None
+    if cfg.train.if_exists == "overwrite":
+        print0(f"{out}: deleting the earlier run's checkpoints, exports and metrics (train.if_exists=overwrite)")
+        return out, None
+    raise ConfigError("train.if_exists: " + conflict_message(out, diff or ["train.resume=never asks for a new run"]))
+
+
+def _wipe_outputs(out: Path) -> None:
+    """The outputs of an earlier run in `out` (train.if_exists=overwrite), so nothing of it mixes with this one."""
+    import shutil
+
+    for name in ("checkpoints", "exports", "samples", "reports", "tb"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+    for name in ("metrics.jsonl", "config.yaml"):
+        (out / name).unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -250,14 +271,23 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_all(cfg.train.seed)  # identical model init on every rank (ZeRO-3 keeps each rank's own partition)
-    out = cfg.out_dir
+    out, resume_from = find_resume(cfg, cfg.out_dir)
+    if out != cfg.out_dir:
+        cfg = dataclasses.replace(cfg, name=out.name)
+    barrier()                                   # every rank decided before rank 0 creates or changes anything
+    lock = None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        from nextx.rundir import claim, dedup_metrics
+
+        lock = claim(out)                       # writable now, and no second concurrent writer
+        if resume_from is None and cfg.train.if_exists == "overwrite":
+            _wipe_outputs(out)
         clean_partial(out)
-    barrier()
-    resume_from = find_resume(cfg, out)
-    if rank == 0:
+        dropped = dedup_metrics(out, load_train_state(resume_from, 0).get("step", 0) if resume_from else 0)
+        if dropped:
+            print0(f"metrics.jsonl: {dropped} row(s) after the resume point removed (they are replayed)")
         save_config(cfg, out / "config.yaml")
+    barrier()
     text_tok = load_tokenizer(cfg.data.text_tokenizer)
     image_tok = load_image_tokenizer(cfg.data.image_tokenizer)
     special = SpecialIds.from_tokenizer(text_tok)
@@ -303,6 +333,7 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
                dynamic_ncols=True, desc="train")
     say = bar.write if not bar.disable else print0
 
+    stopper = StopOnSignal(say)
     gen = torch.Generator()
     t0 = t_last = time.perf_counter()
     acc = new_accumulator()
@@ -343,6 +374,7 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
         fault_point("step", step)
         is_log = step % cfg.train.log_every == 0 or step >= cfg.train.steps
         timed_out = bool(max_minutes) and time.perf_counter() - t0 > 60 * max_minutes
+        timed_out = timed_out or stopper.signal is not None   # a signal: save and stop like a time limit
         if world > 1:  # decided at log steps only, by all ranks together (the flag is all-reduced)
             timed_out = timed_out and is_log
         if is_log or timed_out:
@@ -377,8 +409,15 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
         _save(out, engine, cfg, step, positions, batches, world)
     export(out, engine, cfg, step)
     metrics.close()
+    stopper.restore()
+    if stopper.signal is not None:
+        say(f"stopped by {stopper.signal.name} at step {step}: checkpoint {out / 'checkpoints' / 'latest'} "
+            "(the same command resumes)")
+    if lock is not None:
+        lock.release()
     final = _final_model(engine, cfg, text_tok, image_tok, device)
     return {"step": step, "parts": {k: float(v) for k, v in parts.items()}, "seconds": time.perf_counter() - t0,
+            "signal": stopper.signal,
             "out": str(out), "model": final, "text_tok": text_tok, "image_tok": image_tok, "special": special}
 
 
@@ -414,6 +453,39 @@ class RankAgreement:
         return n == 0 or n == self.world
 
 
+class StopOnSignal:
+    """SIGINT and SIGTERM (Ctrl-C, SLURM pre-emption) set `signal`; the loop then stops at the end of the step
+    (with several ranks: at the next log step, decided by all ranks together), saves and exports. A second signal
+    aborts at once. Handlers are installed only in the main thread and restored by `restore()`."""
+
+    def __init__(self, say):
+        import signal as sig
+        import threading
+
+        self.signal = None
+        self._say = say
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in (sig.SIGINT, sig.SIGTERM):
+                self._old[s] = sig.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        import signal as sig
+
+        if self.signal is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signal = sig.Signals(signum)
+        self._say(f"{self.signal.name}: stopping after this step with a checkpoint (send it again to abort now)")
+
+    def restore(self) -> None:
+        import signal as sig
+
+        for s, h in self._old.items():
+            sig.signal(s, h)
+        self._old = {}
+
+
 def _save(out: Path, engine, cfg: Config, step: int, positions: dict, batches: int, world: int) -> None:
     save_checkpoint(out, engine, cfg, step, keep=cfg.train.keep_checkpoints,
                     train_state={"positions": dict(positions), "batches": batches, "world_size": world,
@@ -443,16 +515,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no log lines on stdout (metrics.jsonl still written)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     a = p.parse_args(argv)
+    if a.max_minutes < 0:
+        p.error(f"--max-minutes must be >= 0 (0 = no limit), got {a.max_minutes:g}")
     try:
         cfg = load_config(a.config, a.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     s = train(cfg, max_minutes=a.max_minutes, quiet=a.quiet)
-    print0(f"done: {s['step']} steps in {s['seconds']:.0f} s -> {s['out']}")
+    print0(f"{'stopped' if s['signal'] else 'done'}: {s['step']} steps in {s['seconds']:.0f} s -> {s['out']}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    return 0
+    return 128 + int(s["signal"]) if s["signal"] else 0
 
 
 if __name__ == "__main__":

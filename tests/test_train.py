@@ -65,11 +65,13 @@ def _launch(tmp: Path, name: str, over: list[str], nproc: int = 1, fault: str = 
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait(tmp: Path, procs: dict, expect_killed: set = frozenset()) -> None:
+def _wait(tmp: Path, procs: dict, expect_killed: set = frozenset(), expect_rc: dict | None = None) -> None:
     for (name, fault), p in procs.items():
         rc = p.wait(timeout=400)
         log = (tmp / f"{name}.{fault or 'run'}.log").read_text()[-3000:]
-        if (name, fault) in expect_killed:
+        if (name, fault) in (expect_rc or {}):
+            assert rc == expect_rc[(name, fault)], f"{name} at {fault}: rc {rc}\n{log}"
+        elif (name, fault) in expect_killed:
             assert rc != 0, f"{name} should have been killed at {fault}\n{log}"
         else:
             assert rc == 0, f"{name} failed (rc {rc})\n{log}"
@@ -102,11 +104,16 @@ def runs(tmp_path_factory):
     ck = tmp / "runs" / "kill" / "checkpoints"
     after_save_crash = ((ck / "latest").read_text().strip(), (ck / ".tmp_step_0000004").is_dir())
     wave2 = {("kill", "step:5"): _launch(tmp, "kill", [], fault="step:5"),
-             ("z3", ""): _launch(tmp, "z3", z3, nproc=2)}
-    _wait(tmp, wave2, {("kill", "step:5")})
+             ("z3", ""): _launch(tmp, "z3", z3, nproc=2),
+             ("term", "sigterm:3"): _launch(tmp, "term", [], fault="sigterm:3"),
+             ("int2", "sigint:3"): _launch(tmp, "int2", two, nproc=2, fault="sigint:3")}
+    _wait(tmp, wave2, {("kill", "step:5"), ("int2", "sigint:3")}, {("term", "sigterm:3"): 143})
     after_step_crash = (ck / "latest").read_text().strip()
-    _wait(tmp, {("kill", ""): _launch(tmp, "kill", [])})
-    return {"dir": tmp / "runs", "after_save_crash": after_save_crash, "after_step_crash": after_step_crash}
+    after_signal = {n: (tmp / "runs" / n / "checkpoints" / "latest").read_text().strip() for n in ("term", "int2")}
+    _wait(tmp, {("kill", ""): _launch(tmp, "kill", []), ("term", ""): _launch(tmp, "term", []),
+                ("int2", ""): _launch(tmp, "int2", two, nproc=2)})
+    return {"dir": tmp / "runs", "after_save_crash": after_save_crash, "after_step_crash": after_step_crash,
+            "after_signal": after_signal, "logs": tmp}
 
 
 def _close(a: dict, b: dict, rtol: float) -> None:
@@ -133,6 +140,24 @@ def test_sigkill_mid_save_and_mid_training_resume_bitwise(runs):
     ref, kill = _losses(runs["dir"] / "ref"), _losses(runs["dir"] / "kill")
     assert kill == ref  # bitwise: every step, including those replayed after each resume
     assert not list((runs["dir"] / "kill" / "checkpoints").glob(".tmp_*"))  # the partial save was cleaned up
+
+
+def _steps_logged(run: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+
+
+def test_sigterm_and_sigint_save_then_resume_exactly(runs):
+    """SIGTERM (1 process) and SIGINT (2 processes, ZeRO-2) after step 3: a checkpoint of step 3, an exit
+    without a traceback (143 for SIGTERM; torchrun reports its ranks' 130 as a failure), and the resumed runs equal the uninterrupted one with one metrics row a step."""
+    assert runs["after_signal"] == {"term": "step_0000003", "int2": "step_0000003"}
+    log = (runs["logs"] / "term.sigterm:3.log").read_text()
+    assert "stopped by SIGTERM at step 3" in log and "Traceback" not in log
+    assert "stopped by SIGINT at step 3" in (runs["logs"] / "int2.sigint:3.log").read_text()
+    ref = _losses(runs["dir"] / "ref")
+    assert _losses(runs["dir"] / "term") == ref
+    _close(ref, _losses(runs["dir"] / "int2"), rtol=1e-5)
+    for name in ("term", "int2", "kill"):
+        assert _steps_logged(runs["dir"] / name) == list(range(1, STEPS + 1)), name  # no replayed duplicates
 
 
 def test_zero3_kill_resume_continue(runs):

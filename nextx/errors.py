@@ -1,0 +1,35 @@
+"""Expected errors: mistakes in what a user gave (a file, a value, a config, a checkpoint), reported by the `nextx`
+command as one or two lines naming the problem and the fix, exit code 2, with no traceback (`nextx --debug ...`
+or NEXTX_DEBUG=1 shows it). Anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """A problem with the user's input that the message alone explains (what is wrong, where, and how to fix it)."""
+
+
+def describe(e: BaseException) -> str | None:
+    """The one-paragraph message of an expected error, or None for an unexpected one (a bug)."""
+    import yaml
+
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, OSError) and isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError,
+                                                 NotADirectoryError, FileExistsError)):
+        what = {FileNotFoundError: "no such file or directory", PermissionError: "permission denied",
+                IsADirectoryError: "is a directory, a file was expected",
+                NotADirectoryError: "is not a directory", FileExistsError: "already exists"}[type(e)]
+        name = e.filename if e.filename is not None else ""
+        extra = f" -> {e.filename2}" if getattr(e, "filename2", None) else ""
+        return f"{name}{extra}: {what}" if name else f"{what}: {e}"
+    if isinstance(e, OSError) and e.errno == 28:
+        return f"no space left on device{f' writing {e.filename}' if e.filename else ''}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8"
+    if isinstance(e, yaml.YAMLError):
+        return f"YAML error: {e}"
+    return None
