@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from nextx.config import Config, load_config, save_config
+from nextx.errors import UserError
 
 LATEST = "latest"
 
@@ -221,7 +222,7 @@ def resolve(path: str | Path) -> Path:
         found = sorted(q for q in exports.glob("step_*") if (q / "model.safetensors").is_file())
         if found:
             return found[-1]
-    raise FileNotFoundError(f"{p}: no checkpoint found (expected a run dir with checkpoints/latest or exports/, a "
+    raise CheckpointError(f"{p}: no checkpoint found (expected a run dir with checkpoints/latest or exports/, a "
                             "checkpoints dir with latest, or a step dir with model.safetensors, state.pt or "
                             "DeepSpeed files)")
 
@@ -230,31 +231,70 @@ def _strip(sd: dict, prefix: str = "net.") -> dict:
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in sd.items()}
 
 
+class CheckpointError(UserError, FileNotFoundError):
+    """A checkpoint that cannot be loaded: missing, unreadable, of another model shape, or with NaN/inf weights."""
+
+
 def read_state_dict(d: Path, cfg: Config, *, ema: bool = False) -> dict:
-    """The model's fp32 state dict from a step dir of any kind (see `resolve`)."""
+    """The model's fp32 state dict from a step dir of any kind (see `resolve`). A file that cannot be read is a
+    CheckpointError naming it."""
     d = Path(d)
+    try:
+        return _read_state_dict(d, cfg, ema=ema)
+    except (CheckpointError, OSError):
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors, pickle and zip readers each raise their own types
+        raise CheckpointError(f"{d}: the checkpoint files cannot be read ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); it is corrupt or incomplete: "
+                              f"load another step (checkpoints/step_N) or re-export it") from None
+
+
+def check_weights(sd: dict, where: Path | str) -> None:
+    """Refuse non-finite weights (a diverged run saved them): name the file and the first tensors."""
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf ({', '.join(bad[:3])}"
+                              f"{' ...' if len(bad) > 3 else ''}): the run diverged before this save; load an "
+                              "earlier checkpoint (checkpoints/step_N)")
+
+
+def load_weights(model, sd: dict, where: Path | str) -> None:
+    """model.load_state_dict(sd), with a mismatch summarised in two lines instead of one per tensor."""
+    own = model.state_dict()
+    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    missing, extra = [k for k in own if k not in sd], [k for k in sd if k not in own]
+    if shapes or missing or extra:
+        first = (f"first: {shapes[0][0]} {shapes[0][1]} in the checkpoint vs {shapes[0][2]} in the model"
+                 if shapes else f"first missing: {missing[0]}" if missing else f"first unexpected: {extra[0]}")
+        raise CheckpointError(f"{where} does not fit the model its config.yaml describes: {len(shapes)} tensor(s) of "
+                              f"another shape, {len(missing)} missing, {len(extra)} unexpected ({first}). Was the "
+                              "checkpoint copied from another run, or config.yaml edited?")
+    model.load_state_dict(sd)
+
+
+def _read_state_dict(d: Path, cfg: Config, *, ema: bool = False) -> dict:
     if (d / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
         f = d / ("ema.safetensors" if ema else "model.safetensors")
         if not f.is_file():
-            raise FileNotFoundError(f"{f}: this export has no EMA weights (optim.ema_decay was 0)")
+            raise CheckpointError(f"{f}: this export has no EMA weights (optim.ema_decay was 0)")
         return load_file(str(f))
     if (d / "state.pt").is_file():
         sd = torch.load(d / "state.pt", map_location="cpu", weights_only=False)
         if ema:
-            raise ValueError(f"{d}: EMA weights are read from exports (exports/step_N/ema.safetensors)")
+            raise CheckpointError(f"{d}: EMA weights are read from exports (exports/step_N/ema.safetensors)")
         return sd["model"]
     if _is_deepspeed_dir(d):
         if ema:
-            raise ValueError(f"{d}: EMA weights are read from exports (exports/step_N/ema.safetensors)")
+            raise CheckpointError(f"{d}: EMA weights are read from exports (exports/step_N/ema.safetensors)")
         if not (d / "mp_rank_00_model_states.pt").is_file():  # ZeRO-3: parameters live in the partitions
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             return _strip(get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name))
         sd = torch.load(d / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return _strip({k: v.float() if v.is_floating_point() else v for k, v in sd["module"].items()})
-    raise FileNotFoundError(f"{d}: no model.safetensors, state.pt or DeepSpeed model states")
+    raise CheckpointError(f"{d}: no model.safetensors, state.pt or DeepSpeed model states")
 
 
 def load_run_config(path: Path) -> Config:
@@ -289,5 +329,7 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", *, 
     image_tok = load_image_tokenizer(cfg.data.image_tokenizer)
     cfg.model.hf_init = ""  # the checkpoint holds every weight
     model = build_model(cfg, text_tok, image_tok)
-    model.load_state_dict(read_state_dict(d, cfg, ema=ema))
+    sd = read_state_dict(d, cfg, ema=ema)
+    check_weights(sd, d)
+    load_weights(model, sd, d)
     return model.to(device).eval(), cfg, text_tok, image_tok, SpecialIds.from_tokenizer(text_tok)

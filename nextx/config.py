@@ -108,6 +108,8 @@ class DataConfig:
     pack_buffer: int = 64         # documents held while packing rows (larger = fewer pad tokens)
     use_latents: Literal["auto", "pixels", "latents"] = "auto"  # pre-encoded latents when present
     seed: int = 0
+    max_bad_samples: int = 1000   # a reader that meets more bad samples than this stops the run, naming the shards
+    max_bad_fraction: float = 0.2  # ... or a larger share of bad samples, once 50 samples were read
 
     def check(self, p: str = "data") -> None:
         _require(0.0 <= self.t2i_ratio <= 1.0, f"{p}.t2i_ratio", f"must be in [0, 1], got {self.t2i_ratio}")
@@ -116,6 +118,8 @@ class DataConfig:
         for k in ("shuffle_buffer", "num_workers"):
             _require(getattr(self, k) >= 0, f"{p}.{k}", f"must be >= 0, got {getattr(self, k)}")
         _require(self.noise_copies >= 1, f"{p}.noise_copies", f"must be >= 1, got {self.noise_copies}")
+        _require(self.max_bad_samples >= 0 and 0 <= self.max_bad_fraction <= 1, f"{p}.max_bad_samples/fraction",
+                 f"must be >= 0 and in [0, 1], got {self.max_bad_samples} and {self.max_bad_fraction}")
         _require(self.max_text_tokens < self.row_len, f"{p}.max_text_tokens",
                  f"{self.max_text_tokens} must be < row_len={self.row_len}")
 
@@ -217,6 +221,8 @@ class TrainConfig:
                                   # continue (another config, or resume=never): refuse naming the difference,
                                   # write NAME-2 (NAME-3, ...) instead, or delete the old run's outputs first
     keep_checkpoints: int = 0     # keep only the newest N checkpoints (0 = keep all)
+    max_nonfinite: int = 5        # a NaN/inf loss skips its micro-batch (counted); this many in a row stop the run
+                                  # naming the step and the last good checkpoint (0 = no check: no host sync)
     export_on_save: bool = False  # also write exports/step_N/ (safetensors) at every save, not only at the end
     eval_batches: int = 4         # val batches per rank in the quick eval (train.eval_every)
     sample_prompts: int = 4       # fixed val captions (and images) in the sample grids (train.sample_every)
@@ -225,7 +231,7 @@ class TrainConfig:
     def check(self, p: str = "train") -> None:
         _require(self.steps > 0 and self.log_every > 0, f"{p}.steps/log_every", "must be > 0")
         for k in ("save_every", "sample_every", "eval_every", "report_every", "threads", "keep_checkpoints",
-                  "peak_tflops"):
+                  "peak_tflops", "max_nonfinite"):
             _require(getattr(self, k) >= 0, f"{p}.{k}", "must be >= 0")
         _require(self.eval_batches > 0 and self.sample_prompts > 0 and self.report_prompts > 0,
                  f"{p}.eval_batches/sample_prompts/report_prompts", "must be > 0")

@@ -36,7 +36,9 @@ import torch
 from PIL import Image as PILImage
 
 from nextx.config import DataConfig
-from nextx.documents import BadSample, Document, Image, Text, decode_document, shard_paths
+from nextx.documents import (BadSample, Document, Image, Text, decode_document, recorded_doc_counts,
+                             shard_paths)
+from nextx.errors import UserError
 from nextx.sequence import Batch, ImageTokens, Packer, Row, SpecialIds, collate, layout_document
 
 log = logging.getLogger("nextx.data")
@@ -80,6 +82,35 @@ def shard_order(shards: list[str], reader: Reader, *, seed: int, epoch: int, shu
         rng_r = random.Random((seed * 1_000_003 + epoch) * 7919 + reader.index)
         mine = rng_r.choices(mine, k=len(mine))
     return mine, stride
+
+
+class DataError(UserError):
+    """The data cannot feed the run: every document too long for a row, a flood of bad samples, a truncated shard."""
+
+
+def longest_pair(cfg: DataConfig, n_image_tokens: int) -> int:
+    """Tokens of the longest caption+image document the layout can write (docs/design.md §1): a caption of
+    max_text_tokens, and either <bos> caption <boi> M noise splits [clean <eoi>] <eos> (caption->image) or
+    <bos> <boi> clean <eoi> caption <eos> (image->caption, when t2i_ratio < 1)."""
+    T, N, M = cfg.max_text_tokens, n_image_tokens, cfg.noise_copies
+    t2i = 2 + T + M * N + (0 if cfg.drop_trailing_clean else N + 2)
+    i2t = 4 + N + T if cfg.t2i_ratio < 1 else 0
+    return max(t2i if cfg.t2i_ratio > 0 else 0, i2t)
+
+
+def check_packing(cfg: DataConfig, n_image_tokens: int) -> None:
+    """Refuse, before any work, a row that cannot hold the longest caption+image document (every such document
+    would be dropped and the loader would read forever), naming sizes that fit."""
+    need = longest_pair(cfg, n_image_tokens)
+    if need <= cfg.row_len:
+        return
+    spare = cfg.row_len - (need - cfg.max_text_tokens)
+    fix = (f"or data.max_text_tokens <= {spare}" if spare >= 8 else
+           "(an image alone does not fit: use fewer image tokens, or data.noise_copies=1)")
+    raise DataError(f"data.row_len={cfg.row_len} cannot hold one caption+image document: up to {need} tokens "
+                    f"({n_image_tokens} image tokens x {cfg.noise_copies} noise cop{'y' if cfg.noise_copies == 1 else 'ies'}"
+                    f"{'' if cfg.drop_trailing_clean else ' + a clean split'}, a caption of up to "
+                    f"data.max_text_tokens={cfg.max_text_tokens}, markers). Set data.row_len >= {need} {fix}")
 
 
 class _Counter:
@@ -212,6 +243,9 @@ class PackedRows(torch.utils.data.IterableDataset):
         self.rotate = rotate
         self._tok = None
         self._n_bad = 0
+        self._seen = 0                      # samples decoded by this reader (bad ones included)
+        self._bad_shards: dict[str, int] = {}
+        self._expected = recorded_doc_counts(self.paths)
 
     def tokenizers(self):
         """(text tokenizer, image tokenizer), loaded once per process (each worker loads its own copy)."""
@@ -236,13 +270,20 @@ class PackedRows(torch.utils.data.IterableDataset):
             # fresh per-epoch state: the position (epoch, rows yielded in it) alone determines what follows
             rng = random.Random((self.seed * 7_368_787 + reader.index) * 1_000_003 + epoch)
             packer = Packer(cfg.row_len, special.pad, cfg.pack_buffer)
-            n = 0
+            n, too_long, seen0, bad0 = 0, 0, self._seen, self._n_bad
             for row in self._epoch_rows(epoch, reader, rng, packer, text_tok, image_tok, special, stats):
                 n += 1
+                too_long += row.stats.get("too_long", 0)
                 if n <= skip:
                     continue
                 row.position = (reader.index, epoch, n)
                 yield _with_stats(row, stats)
+            if n == 0:  # an epoch with nothing to train on would repeat forever
+                raise DataError(
+                    f"reader {reader.index} read a whole epoch of {len(self.paths)} shard(s) ({_names(self.paths)}) "
+                    f"and packed no row: {self._seen - seen0} samples, {self._n_bad - bad0} bad, "
+                    f"{packer.stats['too_long'] + too_long} longer than data.row_len={cfg.row_len}; check the shards "
+                    f"with `nextx data inspect DIR --validate`")
             skip = 0
             epoch += 1
             if not self.loop:
@@ -267,20 +308,52 @@ class PackedRows(torch.utils.data.IterableDataset):
             except BadSample as e:
                 stats["bad_sample"] = stats.get("bad_sample", 0) + 1
                 self._n_bad += 1  # `stats` is emptied into every row; this one counts for the log lines
+                url = str(sample.get("__url__", "?"))
+                self._bad_shards[url] = self._bad_shards.get(url, 0) + 1
                 if self._n_bad <= 5 or self._n_bad % 1000 == 0:
                     log.warning("skipping bad sample (%d so far in this reader): %s", self._n_bad, e)
+                self._check_bad()
                 continue
+            finally:
+                self._seen += 1
             yield from packer.add(layout)
         yield from packer.flush()
 
-    @staticmethod
-    def _samples(shards: list[str], stride: int, reader: Reader, stats: dict) -> Iterator[dict]:
+    def _check_bad(self) -> None:
+        cfg = self.cfg
+        too_many = self._n_bad > cfg.max_bad_samples
+        too_often = self._seen >= 50 and self._n_bad > cfg.max_bad_fraction * self._seen
+        if too_many or too_often:
+            worst = sorted(self._bad_shards.items(), key=lambda kv: -kv[1])[:5]
+            raise DataError(
+                f"{self._n_bad} bad samples of {self._seen} read (limits: data.max_bad_samples={cfg.max_bad_samples}, "
+                f"data.max_bad_fraction={cfg.max_bad_fraction}), most in: "
+                + ", ".join(f"{u} ({k})" for u, k in worst) + ". Check them with `nextx data inspect DIR --validate`")
+
+    def _samples(self, shards: list[str], stride: int, reader: Reader, stats: dict) -> Iterator[dict]:
         i = 0
         for path in shards:
-            for sample in raw_samples(path, stats):
+            k, tar_stats = 0, {}
+            for sample in raw_samples(path, tar_stats):
+                k += 1
                 if stride == 1 or i % stride == reader.index:
                     yield sample
                 i += 1
+            unreadable = tar_stats.get("bad_tar", 0)
+            if unreadable:
+                stats["bad_tar"] = stats.get("bad_tar", 0) + unreadable
+                self._n_bad += unreadable
+                self._seen += unreadable
+                self._bad_shards[path] = self._bad_shards.get(path, 0) + unreadable
+                self._check_bad()
+            want = self._expected.get(path)
+            if want is not None and k != want:
+                raise DataError(f"{path} holds {k} documents but its info.json records {want}: the shard was cut "
+                                f"short (an interrupted copy?) or replaced; copy it again or rewrite the shard set")
+
+
+def _names(paths: list[str], n: int = 3) -> str:
+    return ", ".join(paths[:n]) + (f", ... ({len(paths)} in all)" if len(paths) > n else "")
 
 
 def _with_stats(row: Row, stats: dict) -> Row:
@@ -294,10 +367,23 @@ def _worker_init(_):
     import signal
 
     torch.set_num_threads(1)  # workers encode a few images each; oversubscribing 2 cores hurts the trainer
-    # Ctrl-C and SLURM's SIGTERM reach the whole process group: the trainer saves and stops, its workers must not
-    # die first (they exit with their parent)
+    # Ctrl-C and SLURM's SIGTERM reach every process: the trainer finishes its step, saves and stops, so its
+    # workers must not die first. Ctrl-C is ignored (they exit with their parent); SIGTERM gives a grace period,
+    # so that a terminate() by multiprocessing at exit still ends them in bounded time
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+WORKER_GRACE_S = 30.0
+
+
+def _worker_sigterm(signum, frame):
+    import os
+    import threading
+
+    t = threading.Timer(WORKER_GRACE_S, os._exit, args=(0,))
+    t.daemon = True
+    t.start()
 
 
 @dataclass
@@ -331,6 +417,10 @@ def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards:
     DataLoader takes batches from its workers in turn, so the next one comes from worker batches_done % workers).
     """
     nw = cfg.num_workers if num_workers is None else num_workers
+    from nextx.latents import load_image_tokenizer
+
+    grid = load_image_tokenizer(cfg.image_tokenizer).grid
+    check_packing(cfg, grid[0] * grid[1])
     ds = PackedRows(cfg, shards=shards, split=split, rank=rank, world_size=world_size, loop=loop, start=start,
                     rotate=batches_done % max(1, nw))
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_rows, collate_fn=collate_rows, num_workers=nw,

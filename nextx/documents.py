@@ -24,8 +24,14 @@ from typing import Iterable, Iterator, Union
 import numpy as np
 from PIL import Image as PILImage
 
+from nextx.errors import UserError
+
 SHARD_PATTERN = "{split}-{index:06d}.tar"  # file names inside a shard directory
 INFO_FILE = "info.json"                    # per-directory summary written by `write_shards`
+
+
+class ShardsNotFound(UserError, FileNotFoundError):
+    """A shard source that names no existing tar."""
 
 
 class BadSample(ValueError):
@@ -175,6 +181,7 @@ def write_shards(docs: Iterable[Document], out_dir: str | os.PathLike, *, split:
         old.unlink()
     n_docs = n_images = 0
     shards: list[str] = []
+    per_shard: list[int] = []
     writer = None
     bar = tqdm(docs, total=total, desc=f"write {split}", unit="doc", disable=not progress)
     for doc in bar:
@@ -183,13 +190,16 @@ def write_shards(docs: Iterable[Document], out_dir: str | os.PathLike, *, split:
                 writer.close()
             name = SHARD_PATTERN.format(split=split, index=len(shards))
             shards.append(name)
+            per_shard.append(0)
             writer = wds.TarWriter(str(out / name), mtime=0)  # fixed mtime: same input -> byte-identical tar
         writer.write(encode_document(doc))
         n_docs += 1
+        per_shard[-1] += 1
         n_images += len(doc.images)
     if writer is not None:
         writer.close()
-    summary = {"n_docs": n_docs, "n_images": n_images, "n_shards": len(shards), "shards": shards}
+    summary = {"n_docs": n_docs, "n_images": n_images, "n_shards": len(shards), "shards": shards,
+               "shard_docs": per_shard}
     info_path = out / INFO_FILE
     full = json.loads(info_path.read_text()) if info_path.exists() else {}
     full.setdefault("splits", {})[split] = summary
@@ -197,6 +207,28 @@ def write_shards(docs: Iterable[Document], out_dir: str | os.PathLike, *, split:
         full.update(info)
     info_path.write_text(json.dumps(full, indent=2, ensure_ascii=False))
     return summary
+
+
+def recorded_doc_counts(paths: Iterable[str]) -> dict[str, int]:
+    """{tar path: documents it held when written}, from the info.json beside each tar (`shard_docs`, or the split's
+    n_docs for a one-shard split); tars without a record are left out. A reader that sees fewer is truncated."""
+    out: dict[str, int] = {}
+    infos: dict[Path, dict] = {}
+    for p in paths:
+        d = Path(p).parent
+        if d not in infos:
+            try:
+                infos[d] = json.loads((d / INFO_FILE).read_text())
+            except (OSError, ValueError):
+                infos[d] = {}
+        for split in infos[d].get("splits", {}).values():
+            names = split.get("shards", [])
+            if Path(p).name in names:
+                if "shard_docs" in split:
+                    out[p] = int(split["shard_docs"][names.index(Path(p).name)])
+                elif len(names) == 1:
+                    out[p] = int(split["n_docs"])
+    return out
 
 
 def shard_paths(source: str | os.PathLike, split: str | None = None) -> list[str]:
@@ -212,7 +244,8 @@ def shard_paths(source: str | os.PathLike, split: str | None = None) -> list[str
         paths = [src]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        raise FileNotFoundError(f"shard(s) not found: {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        raise ShardsNotFound(f"shard(s) not found: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                             "(a shard dir, a .tar, or a brace pattern of tars)")
     if not paths:
         raise FileNotFoundError(f"no shards in {src}" + (f" for split {split!r}" if split else ""))
     return paths

@@ -17,7 +17,11 @@ def describe(e: BaseException) -> str | None:
     import yaml
 
     if isinstance(e, UserError):
-        return str(e)
+        msg = str(e)
+        if "Original Traceback" in msg:  # re-raised from a DataLoader worker: keep the worker's own message
+            last = [x for x in msg.splitlines() if x.strip()][-1]
+            msg = last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(type(e).__name__) else last
+        return msg
     if isinstance(e, OSError) and isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError,
                                                  NotADirectoryError, FileExistsError)):
         what = {FileNotFoundError: "no such file or directory", PermissionError: "permission denied",

@@ -39,6 +39,7 @@ from nextx.data import build_loader
 from nextx.engine import build_engine, init_distributed
 from nextx.metrics import (COUNT_KEYS, LOSS_KEYS, Metrics, all_reduce_sum, count_batch, fmt_record, log_record,
                            new_accumulator, peak_flops, token_flops)
+from nextx.errors import UserError
 from nextx.objective import compute_loss
 from nextx.pretrained import build_model
 from nextx.sequence import SpecialIds
@@ -344,66 +345,87 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
     it = iter(loader)
     agree = RankAgreement(world) if cfg.dist.engine == "deepspeed" and world > 1 else None
     micro = 0  # micro-batch index within the current optimizer step
-    while not stop:
-        batch = next(it)
-        positions[batch.position[0]] = batch.position[1:]
-        batches += 1
-        if agree is not None and not agree.same_graph(batch):
-            acc["skipped"] += 1
-            continue
-        count_batch(acc, batch, flops_tok)
-        gen.manual_seed(micro_seed(cfg.train.seed, step, micro * world + rank))
-        micro += 1
-        batch = batch.to(device, non_blocking=True)
-        with engine.autocast():
-            loss, parts = compute_loss(engine.model, batch, cfg.objective, special, attention=cfg.model.attention,
-                                       n_heads=cfg.model.n_heads, generator=gen, step=engine.step_count)
-        engine.backward(loss)
-        info = engine.step()
-        for k in LOSS_KEYS:                   # device tensors: summed there in float64, read at the log step
-            v = parts.get(k, 0.0)
-            acc["loss_sums"][k] += v.double() if isinstance(v, torch.Tensor) else v
-        for k in COUNT_KEYS:
-            acc["counts"][k] += parts.get(k, 0)
-        acc["micro"] += 1
-        if info is None:
-            continue
-        micro = 0  # checkpoints fall on step boundaries, so a resumed run starts at micro 0 too
-        step = engine.step_count
-        bar.update(1)
-        fault_point("step", step)
-        is_log = step % cfg.train.log_every == 0 or step >= cfg.train.steps
-        timed_out = bool(max_minutes) and time.perf_counter() - t0 > 60 * max_minutes
-        timed_out = timed_out or stopper.signal is not None   # a signal: save and stop like a time limit
-        if world > 1:  # decided at log steps only, by all ranks together (the flag is all-reduced)
-            timed_out = timed_out and is_log
-        if is_log or timed_out:
-            now = time.perf_counter()
-            rec, timed_out = log_record(acc, info, step, now - t_last, now - t0, world, peak, device, cfg,
-                                         timed_out)
-            metrics.write(rec)
-            if not quiet:
-                say(fmt_record(rec))
-            t_last, acc = now, new_accumulator()
-        t_extra = time.perf_counter()
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-            ev = quick_eval(engine, cfg, special, rank, world, device, agree)
-            if ev:
-                metrics.write({"step": step, **ev})
+    bad_run = 0  # non-finite losses in a row
+    try:
+        while not stop:
+            batch = next(it)
+            positions[batch.position[0]] = batch.position[1:]
+            batches += 1
+            if agree is not None and not agree.same_graph(batch):
+                acc["skipped"] += 1
+                continue
+            count_batch(acc, batch, flops_tok)
+            gen.manual_seed(micro_seed(cfg.train.seed, step, micro * world + rank))
+            micro += 1
+            batch = batch.to(device, non_blocking=True)
+            with engine.autocast():
+                loss, parts = compute_loss(engine.model, batch, cfg.objective, special, attention=cfg.model.attention,
+                                           n_heads=cfg.model.n_heads, generator=gen, step=engine.step_count)
+            if cfg.train.max_nonfinite and not _finite(loss, agree):
+                acc["nonfinite"] += 1
+                bad_run += 1
+                say(f"step {engine.step_count + 1}: non-finite loss ({_parts_text(parts)}); micro-batch skipped "
+                    f"({bad_run} in a row)")
+                if bad_run >= cfg.train.max_nonfinite:
+                    last = latest_checkpoint(out)
+                    raise NumericError(
+                        f"step {engine.step_count + 1}: {bad_run} non-finite losses in a row (train.max_nonfinite="
+                        f"{cfg.train.max_nonfinite}; last parts: {_parts_text(parts)}); the run stopped. Last good "
+                        f"checkpoint: {last if last else 'none yet'}. Lower optim.lr or check the data, then run the "
+                        "same command to resume")
+                continue
+            bad_run = 0
+            engine.backward(loss)
+            info = engine.step()
+            for k in LOSS_KEYS:                   # device tensors: summed there in float64, read at the log step
+                v = parts.get(k, 0.0)
+                acc["loss_sums"][k] += v.double() if isinstance(v, torch.Tensor) else v
+            for k in COUNT_KEYS:
+                acc["counts"][k] += parts.get(k, 0)
+            acc["micro"] += 1
+            if info is None:
+                continue
+            micro = 0  # checkpoints fall on step boundaries, so a resumed run starts at micro 0 too
+            step = engine.step_count
+            bar.update(1)
+            fault_point("step", step)
+            is_log = step % cfg.train.log_every == 0 or step >= cfg.train.steps
+            timed_out = bool(max_minutes) and time.perf_counter() - t0 > 60 * max_minutes
+            if world > 1:  # decided at log steps only, by all ranks together (the flag is all-reduced)
+                timed_out = timed_out and is_log
+            if agree is not None:  # a signal any rank received stops all after this step (a CPU all-reduce)
+                stopper.agree(agree)
+            if is_log or timed_out:
+                now = time.perf_counter()
+                rec, timed_out = log_record(acc, info, step, now - t_last, now - t0, world, peak, device, cfg,
+                                             timed_out)
+                metrics.write(rec)
                 if not quiet:
-                    say(fmt_record({"step": step, **ev}))
-        if cfg.train.sample_every and step % cfg.train.sample_every == 0 and (engine_is_zero3(engine) or rank == 0):
-            sample_grid(engine.module, cfg, examples, text_tok, image_tok, special, out, step, device)
-        if cfg.train.report_every and step % cfg.train.report_every == 0 and (engine_is_zero3(engine) or rank == 0):
-            rec = periodic_report(engine.module, cfg, rep_docs, text_tok, image_tok, special, out, step)
-            metrics.write(rec)
-            if not quiet:
-                say(fmt_record(rec))
-        stop = step >= cfg.train.steps or timed_out
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step != last_saved:
-            _save(out, engine, cfg, step, positions, batches, world)
-            last_saved = step
-        t_last += time.perf_counter() - t_extra  # rates count training time only
+                    say(fmt_record(rec))
+                t_last, acc = now, new_accumulator()
+            t_extra = time.perf_counter()
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                ev = quick_eval(engine, cfg, special, rank, world, device, agree)
+                if ev:
+                    metrics.write({"step": step, **ev})
+                    if not quiet:
+                        say(fmt_record({"step": step, **ev}))
+            if cfg.train.sample_every and step % cfg.train.sample_every == 0 and (engine_is_zero3(engine) or rank == 0):
+                sample_grid(engine.module, cfg, examples, text_tok, image_tok, special, out, step, device)
+            if cfg.train.report_every and step % cfg.train.report_every == 0 and (engine_is_zero3(engine) or rank == 0):
+                rec = periodic_report(engine.module, cfg, rep_docs, text_tok, image_tok, special, out, step)
+                metrics.write(rec)
+                if not quiet:
+                    say(fmt_record(rec))
+            stop = step >= cfg.train.steps or timed_out or stopper.signal is not None
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step != last_saved:
+                _save(out, engine, cfg, step, positions, batches, world)
+                last_saved = step
+            t_last += time.perf_counter() - t_extra  # rates count training time only
+    finally:  # the workers ignore SIGINT/SIGTERM (StopOnSignal), so ask them to exit, also on errors
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
     bar.close()
     if step != last_saved:
         _save(out, engine, cfg, step, positions, batches, world)
@@ -453,6 +475,23 @@ class RankAgreement:
         return n == 0 or n == self.world
 
 
+class NumericError(UserError):
+    """Training diverged: train.max_nonfinite non-finite losses in a row."""
+
+
+def _finite(loss: torch.Tensor, agree: "RankAgreement | None") -> bool:
+    """Is the loss finite on every rank? One host sync (and a CPU all-reduce with several ranks, so that all ranks
+    skip the same micro-batch and their collectives stay matched)."""
+    bad = float(not bool(torch.isfinite(loss)))
+    if agree is not None:
+        bad = agree.sums([bad])[0]
+    return bad == 0
+
+
+def _parts_text(parts: dict) -> str:
+    return ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items() if k in LOSS_KEYS)
+
+
 class StopOnSignal:
     """SIGINT and SIGTERM (Ctrl-C, SLURM pre-emption) set `signal`; the loop then stops at the end of the step
     (with several ranks: at the next log step, decided by all ranks together), saves and exports. A second signal
@@ -477,6 +516,13 @@ class StopOnSignal:
             raise KeyboardInterrupt
         self.signal = sig.Signals(signum)
         self._say(f"{self.signal.name}: stopping after this step with a checkpoint (send it again to abort now)")
+
+    def agree(self, agree: "RankAgreement") -> None:
+        """With several ranks: a signal any rank received stops them all after this step."""
+        import signal as sig
+
+        if agree.sums([float(self.signal is not None)])[0] > 0 and self.signal is None:
+            self.signal = sig.SIGTERM
 
     def restore(self) -> None:
         import signal as sig

@@ -119,3 +119,160 @@ def test_metrics_dedup_keeps_rows_up_to_the_resume_point(tmp_path):
 def test_run_names_stay_inside_run_dir(name):
     with pytest.raises(ConfigError, match="name"):
         load_config("configs/tiny.yaml", [f"name={name}"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Every job ends in bounded time
+
+
+def test_impossible_packing_is_refused_before_any_work(env):
+    from nextx.data import DataError, check_packing, longest_pair
+
+    cfg = load_config("configs/tiny.yaml", ["data.row_len=32", "data.max_text_tokens=16"]).data
+    assert longest_pair(cfg, 16) == 4 + 16 + 16                       # <bos> <boi> image <eoi> caption <eos>
+    with pytest.raises(DataError, match=r"row_len=32 cannot hold .* up to 36 tokens.*row_len >= 36 or "
+                                        r"data.max_text_tokens <= 12"):
+        check_packing(cfg, 16)
+    with pytest.raises(DataError, match="row_len=32 cannot hold"):
+        _train(env, "name=pack", "train.steps=1", "data.row_len=32", "data.max_text_tokens=16")
+    t2i = load_config("configs/tiny.yaml", ["data.t2i_ratio=1.0", "data.noise_copies=2", "objective.grouping=copies",
+                                            "data.drop_trailing_clean=false"]).data
+    assert longest_pair(t2i, 16) == 2 + t2i.max_text_tokens + 2 * 16 + 16 + 2
+
+
+def _rewrite(src: Path, dst: Path, change) -> None:
+    """Copy a shard dir member by member, `change(i, sample)` -> sample (or None to keep it)."""
+    import shutil
+
+    import webdataset as wds
+
+    from nextx.documents import iter_raw_samples
+
+    dst.mkdir()
+    shutil.copy(src / "info.json", dst / "info.json")
+    for tar in sorted(src.glob("train-*.tar")):
+        with wds.TarWriter(str(dst / tar.name), mtime=0) as w:
+            for i, s in enumerate(iter_raw_samples([str(tar)])):
+                s = {k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")}
+                w.write(change(i, s) or s)
+
+
+def test_a_flood_of_bad_samples_stops_the_run_naming_the_shards(env):
+    from nextx.data import DataError
+
+    root, _ = env
+    bad = root / "mostly_bad"
+    _rewrite(root / "shards", bad, lambda i, s: {**s, "img0.png": b"not a png"} if i % 4 else None)
+    with pytest.raises(DataError, match=r"bad samples of \d+ read .*max_bad_samples=5.*mostly_bad/train-00000"):
+        _train(env, "name=flood", "train.steps=50", f"data.train_shards={bad}", "data.max_bad_samples=5")
+    with pytest.raises(DataError, match="max_bad_fraction=0.2"):                 # 3/4 bad is over 1/5
+        _train(env, "name=flood2", "train.steps=500", f"data.train_shards={bad}", "data.resample=false")
+
+
+def test_all_corrupt_or_not_tar_shards_end_in_one_epoch(env, tmp_path):
+    from nextx.data import DataError
+
+    for i in range(2):
+        (tmp_path / f"train-00000{i}.tar").write_bytes(os.urandom(3000))
+    with pytest.raises(DataError, match=r"read a whole epoch of 2 shard\(s\).*packed no row: 2 samples, 2 bad"):
+        _train(env, "name=junk", "train.steps=5", f"data.train_shards={tmp_path}")
+
+
+def test_a_truncated_shard_is_detected_against_info_json(env):
+    import shutil
+
+    from nextx.data import DataError
+
+    root, _ = env
+    cut = root / "cut"
+    shutil.copytree(root / "shards", cut)
+    tar = cut / "train-000001.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])               # a copy interrupted mid-member
+    with pytest.raises(DataError, match=r"train-000001.tar holds \d+ documents but its info.json records 16"):
+        _train(env, "name=cut", "train.steps=50", f"data.train_shards={cut}")
+
+
+def test_a_worker_error_is_reported_with_its_own_message(env):
+    """With DataLoader workers, torch re-raises the worker's DataError wrapped in its traceback text; the CLI's
+    message is the worker's message alone."""
+    from nextx.data import DataError
+    from nextx.errors import describe
+
+    root, data = env
+    (root / "junk.tar").write_bytes(b"this is not a tar file" * 100)
+    with pytest.raises(DataError) as e:
+        _train(env, "name=w", "train.steps=5", f"data.train_shards={root / 'junk.tar'}", "data.num_workers=1")
+    assert "Original Traceback" in str(e.value)
+    msg = describe(e.value)
+    assert msg.startswith("reader 0 read a whole epoch") and "Traceback" not in msg
+
+
+# --------------------------------------------------------------------------------------------------------
+# Numeric faults
+
+
+def _nan_at(monkeypatch, bad_calls):
+    """compute_loss returns a NaN loss on the given call numbers (micro-batches, from 1)."""
+    import nextx.train as T
+
+    real, n = T.compute_loss, {"calls": 0}
+
+    def fake(*a, **k):
+        loss, parts = real(*a, **k)
+        n["calls"] += 1
+        return (loss * float("nan"), parts) if bad_calls(n["calls"]) else (loss, parts)
+
+    monkeypatch.setattr(T, "compute_loss", fake)
+
+
+def test_a_nan_loss_skips_its_micro_batch_and_is_counted(env, monkeypatch):
+    import torch
+
+    from nextx.checkpoint import load_for_inference
+
+    _nan_at(monkeypatch, lambda c: c in (2, 4))
+    s = _train(env, "name=nan2", "train.steps=4")
+    assert s["step"] == 4
+    rows = [json.loads(x) for x in (Path(s["out"]) / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("nonfinite_skipped", 0) for r in rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
+    model, *_ = load_for_inference(s["out"])
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_nonfinite_losses_in_a_row_stop_naming_step_and_checkpoint(env, monkeypatch):
+    from nextx.train import NumericError
+
+    _nan_at(monkeypatch, lambda c: c >= 3)
+    with pytest.raises(NumericError, match=r"step 3: 3 non-finite losses in a row .*ce .*Last good checkpoint: "
+                                           r".*nan3/checkpoints/step_0000002"):
+        _train(env, "name=nan3", "train.steps=6", "train.max_nonfinite=3")
+
+
+def test_checkpoints_with_nan_other_shapes_or_corrupt_files_are_refused(env, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from nextx.checkpoint import CheckpointError, load_for_inference
+
+    s = _train(env, "name=ck", "train.steps=1")
+    ex = Path(s["out"]) / "exports" / "step_0000001"
+    bad = tmp_path / "nan"
+    shutil.copytree(ex, bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    k = next(k for k, v in sd.items() if v.is_floating_point())
+    sd[k] = sd[k].clone().fill_(float("nan"))
+    save_file(sd, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"1 weight tensor\\(s\\) hold NaN or inf \\({k}\\)"):
+        load_for_inference(bad)
+    other = tmp_path / "shape"
+    shutil.copytree(ex, other)
+    (other / "config.yaml").write_text((other / "config.yaml").read_text().replace("d_model: 32", "d_model: 48"))
+    with pytest.raises(CheckpointError, match=r"does not fit the model .* tensor\(s\) of another shape"):
+        load_for_inference(other)
+    cut = tmp_path / "cut"
+    shutil.copytree(ex, cut)
+    f = cut / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot be read .*corrupt or incomplete"):
+        load_for_inference(cut)
