@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nextx data emoji", description="Noto Color Emoji renders captioned with "
                                 "their names -> WebDataset shards (splits 'train' and 'heldout').")
     p.add_argument("--out", required=True, help="output shard directory")
+    p.add_argument("--force", action="store_true", help="replace what --out already holds")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--n", type=int, default=None, help="write at most this many emoji (default: all)")
     p.add_argument("--font", default=DEFAULT_FONT, help=f"Noto Color Emoji .ttf (default {DEFAULT_FONT})")
@@ -196,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out hash")
     p.add_argument("--max-per-shard", type=int, default=1000)
     a = p.parse_args(argv)
+    from nextx.errors import refuse_existing
+
+    refuse_existing(a.out, a.force, "shards", "*.tar")
     if a.size < 1 or not 0 <= a.heldout_frac <= 1 or (a.n is not None and a.n < 1):
         p.error("need --size >= 1, 0 <= --heldout-frac <= 1 and --n >= 1")
     try:

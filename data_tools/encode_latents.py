@@ -85,16 +85,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="train", help="split to encode, or 'all' (default: train)")
     p.add_argument("--tokenizer", required=True, help="image tokenizer dir (nextx tokenizer pixel / image)")
     p.add_argument("--out", required=True, help="output shard dir (must differ from --shards)")
+    p.add_argument("--force", action="store_true", help="replace what --out already holds")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
     p.add_argument("--max-per-shard", type=int, default=1000)
     p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
+    from nextx.errors import refuse_existing
+
     src, out = Path(a.shards), Path(a.out)
     err = lambda msg: print(f"nextx data encode: {msg}", file=sys.stderr) or 2  # noqa: E731
     if not src.is_dir():
         return err(f"{src} is not a shard directory")
     if out.resolve() == src.resolve():
         return err("--out must differ from --shards (the split's old shards are removed before writing)")
+    refuse_existing(a.out, a.force, "shards", "*.tar")
     splits = splits_of(src) if a.split == "all" else [a.split]
     try:
         tok = load_image_tokenizer(a.tokenizer).to(a.device)

@@ -165,6 +165,7 @@ def documents(items: list[tuple[str, Path, str]], prefix: str, size: int | None,
 
 def add_split_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output shard directory")
+    p.add_argument("--force", action="store_true", help="replace what --out already holds")
     p.add_argument("--size", type=int, default=None, help="center-crop to a square and resize to SIZE px")
     p.add_argument("--split", default="train", help="split name of the output (default train)")
     p.add_argument("--heldout-frac", type=float, default=0.0, help="share of items sent to split 'heldout'")
@@ -173,6 +174,9 @@ def add_split_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_split_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    from nextx.errors import refuse_existing
+
+    refuse_existing(a.out, a.force, "shards", "*.tar")
     if a.size is not None and a.size < 1:
         p.error("--size must be >= 1")
     if not 0 <= a.heldout_frac <= 1:

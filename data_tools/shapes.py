@@ -529,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nextx data shapes", description="Procedural shapes scenes with exact "
                                 "captions -> WebDataset shards (splits 'train' and 'heldout').")
     p.add_argument("--out", required=True, help="output shard directory")
+    p.add_argument("--force", action="store_true", help="replace what --out already holds")
     p.add_argument("--n", type=int, default=1000, help="train scenes (default 1000)")
     p.add_argument("--size", type=int, default=32, help="canvas side in pixels (default 32; checked at 32, 64)")
     p.add_argument("--seed", type=int, default=0)
@@ -538,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="relative weights of 1-, 2- and 3-object train scenes (default: uniform); the held-out "
                         "split is the same whatever the weights")
     a = p.parse_args(argv)
+    from nextx.errors import refuse_existing
+
+    refuse_existing(a.out, a.force, "shards", "*.tar")
     try:
         weights = parse_weights(a.object_weights) if a.object_weights else None
     except ValueError as e:

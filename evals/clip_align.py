@@ -19,11 +19,17 @@ from typing import Sequence
 
 import torch
 
+from nextx.errors import UserError
+
 LOCAL_DIR = "local-dir:"
 
 
+class ClipWeightsMissing(UserError, FileNotFoundError):
+    """No local CLIP weights where the user pointed (nextx never downloads)."""
+
+
 def _no_weights(where: str) -> FileNotFoundError:
-    return FileNotFoundError(
+    return ClipWeightsMissing(
         f"no CLIP weights at {where}. nextx never downloads: give a local open_clip checkpoint (an architecture name "
         f"and --clip-pretrained FILE), or a folder with open_clip_config.json and its weights, e.g. one made by "
         f"`nextx clip train --shards DIR --out DIR`")

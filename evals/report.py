@@ -223,13 +223,13 @@ def write_report(report: dict, out: Path) -> None:
     (out / "report.md").write_text(markdown(report))
 
 
-def _steps(text: str, flag: str) -> list[int]:
+def _steps(p: argparse.ArgumentParser, text: str, flag: str) -> list[int]:
     try:
         steps = [int(x) for x in text.split(",")]
     except ValueError:
-        raise SystemExit(f"{flag} must be comma-separated integers like 1,2,4,8, got {text!r}") from None
+        p.error(f"{flag} must be comma-separated integers like 1,2,4,8, got {text!r}")
     if not steps or min(steps) < 1:
-        raise SystemExit(f"{flag} must be step counts >= 1, got {text!r}")
+        p.error(f"{flag} must be step counts >= 1, got {text!r}")
     return steps
 
 
@@ -251,14 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="report dir (default RUN/report)")
     a = p.parse_args(argv)
     if a.n < 1 or a.batch < 1:
-        raise SystemExit(f"--n and --batch must be >= 1, got {a.n} and {a.batch}")
+        p.error(f"--n and --batch must be >= 1, got {a.n} and {a.batch}")
     if a.cfg_scale < 0:
-        raise SystemExit(f"--cfg-scale must be >= 0, got {a.cfg_scale}")
-    steps, flow_steps = _steps(a.steps, "--steps"), _steps(a.flow_steps, "--flow-steps")
+        p.error(f"--cfg-scale must be >= 0, got {a.cfg_scale}")
+    steps, flow_steps = _steps(p, a.steps, "--steps"), _steps(p, a.flow_steps, "--flow-steps")
     from evals.clip_align import Clip
     from evals.shapes_eval import held_out_docs
     from nextx.checkpoint import load_for_inference
 
+    from nextx.checkpoint import load_run_config, resolve
+    from nextx.errors import UserError
+
+    for name, run in (("imm", a.run), ("flow", a.flow)):  # checked before any work
+        if run is not None and (kind := load_run_config(resolve(run) / "config.yaml").objective.kind) != name:
+            raise UserError(f"{run} was trained with objective.kind={kind}; give the IMM run first and the flow run "
+                            f"with --flow")
     clip = Clip.load(a.clip, a.clip_pretrained) if a.clip else None
     out = Path(a.out or Path(a.run) / "report")
     out.mkdir(parents=True, exist_ok=True)
@@ -271,10 +278,6 @@ def main(argv: list[str] | None = None) -> int:
         if docs is None:
             docs = held_out_docs(cfg, a.n)
             prompts = f"{cfg.data.val_shards or cfg.data.train_shards}:{cfg.data.val_split}"
-        kind = cfg.objective.kind
-        if kind != name:
-            raise SystemExit(f"{run} was trained with objective.kind={kind}; give the IMM run first and the flow run "
-                             f"with --flow")
         print(f"== {name}: {run} at steps {ks}", flush=True)
         t0 = time.perf_counter()
         report["models"][name] = evaluate(model, cfg, text_tok, image_tok, special, docs, ks, cfg_scale=a.cfg_scale,

@@ -35,7 +35,9 @@ def held_out_docs(cfg, n: int, split: str | None = None, shards: str | None = No
         if len(docs) == n:
             break
     if not docs:
-        raise SystemExit(f"no documents in split {split!r} of {src}")
+        from nextx.errors import UserError
+
+        raise UserError(f"no documents in split {split!r} of {src}")
     return docs
 
 
@@ -223,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
                    "an architecture name with --clip-pretrained")
     p.add_argument("--clip-pretrained", default=None, help="local open_clip weights file for --clip NAME")
     a = p.parse_args(argv)
+    if a.n < 1 or a.batch < 1 or a.cfg_scale < 0:
+        p.error(f"--n and --batch must be >= 1 and --cfg-scale >= 0, got {a.n}, {a.batch}, {a.cfg_scale}")
+    try:
+        steps = [int(x) for x in a.steps.split(",")]
+    except ValueError:
+        p.error(f"--steps must be comma-separated integers like 1,2,4,8, got {a.steps!r}")
+    if min(steps) < 1:
+        p.error(f"--steps must be >= 1, got {a.steps!r}")
     clip = None
     if a.clip:
         from evals.clip_align import Clip
@@ -234,7 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or Path(a.run) / "eval_shapes")
     out.mkdir(parents=True, exist_ok=True)
     docs = held_out_docs(cfg, a.n, a.split, a.shards)
-    steps = [int(x) for x in a.steps.split(",")]
     res = run_eval(model, cfg, text_tok, image_tok, special, docs, steps, cfg_scale=a.cfg_scale, batch=a.batch,
                    seed=a.seed, out=out, sampler=a.sampler, clip=clip)
     (out / "eval.json").write_text(json.dumps(res, indent=2))

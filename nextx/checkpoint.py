@@ -313,6 +313,89 @@ def load_run_config(path: Path) -> Config:
     return load_config(path, legacy)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Self-contained runs: absolute paths, and the tokenizers copied in with their content hashes
+
+PATH_FIELDS = ("train_shards", "val_shards", "text_tokenizer", "image_tokenizer")
+TOKENIZERS = "tokenizers"          # RUN/tokenizers/{text,image}/ + manifest.json
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """The config with run_dir and its data paths made absolute where they exist from the current directory (a run
+    then loads, and resumes from its own config.yaml, from anywhere). Brace patterns and missing paths stay as
+    they are."""
+    import dataclasses
+
+    new = {}
+    for f in PATH_FIELDS:
+        v = getattr(cfg.data, f)
+        if v and "{" not in v and Path(v).exists():
+            new[f] = str(Path(v).resolve())
+    return dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()),
+                               data=dataclasses.replace(cfg.data, **new))
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 over a file, or over every file of a directory (relative names and bytes, sorted)."""
+    import hashlib
+
+    p, h = Path(path), hashlib.sha256()
+    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+    for q in files:
+        h.update(str(q.relative_to(p) if q != p else q.name).encode() + b"\0")
+        h.update(q.read_bytes())
+    return h.hexdigest()
+
+
+def snapshot_tokenizers(cfg: Config, out: Path) -> None:
+    """Copy the run's tokenizers into RUN/tokenizers/ with their hashes (manifest.json), once. On a resume, a
+    tokenizer that changed at its source since the run began is refused: it would silently change the model."""
+    import json
+
+    d = out / TOKENIZERS
+    man_f = d / "manifest.json"
+    manifest = json.loads(man_f.read_text()) if man_f.is_file() else {}
+    for kind, src in (("text", cfg.data.text_tokenizer), ("image", cfg.data.image_tokenizer)):
+        src_p = Path(src)
+        if not src_p.exists():
+            raise CheckpointError(f"data.{kind}_tokenizer: {src} not found")
+        digest = content_hash(src_p)
+        if kind in manifest:
+            if manifest[kind]["sha256"] != digest:
+                raise CheckpointError(
+                    f"data.{kind}_tokenizer {src} changed since this run began (its files' sha256 differs from "
+                    f"{man_f}); training on would silently change what the model's ids mean. Restore the tokenizer, "
+                    f"or start a new run (another name=)")
+            continue
+        dst = d / kind / src_p.name
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(src_p, dst) if src_p.is_dir() else shutil.copy2(src_p, dst)
+        manifest[kind] = {"source": str(src_p.resolve()), "copy": str(dst.relative_to(out)), "sha256": digest}
+    man_f.write_text(json.dumps(manifest, indent=2))
+
+
+def run_tokenizers(step_dir: Path) -> tuple[str, str] | None:
+    """The (text, image) tokenizer copies of the run that holds `step_dir` (RUN/{checkpoints,exports}/step_N), after
+    checking their hashes; None for runs saved before tokenizers were copied in."""
+    import json
+
+    run = Path(step_dir).resolve().parent.parent
+    man_f = run / TOKENIZERS / "manifest.json"
+    if not man_f.is_file():
+        return None
+    manifest = json.loads(man_f.read_text())
+    paths = []
+    for kind in ("text", "image"):
+        p = run / manifest[kind]["copy"]
+        if not p.exists() or content_hash(p) != manifest[kind]["sha256"]:
+            raise CheckpointError(f"{p}: the run's copy of its {kind} tokenizer is missing or was changed (sha256 "
+                                  f"differs from {man_f}); the model's ids would mean something else")
+        paths.append(str(p))
+    return paths[0], paths[1]
+
+
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu", *, ema: bool = False):
     """-> (model in eval mode, cfg, text tokenizer, image tokenizer, SpecialIds) from an export or a checkpoint.
 
@@ -323,8 +406,21 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu", *, 
     from nextx.tokenizer import load_tokenizer
     from nextx.pretrained import build_model
 
+    import dataclasses
+
     d = resolve(path)
     cfg = load_run_config(d / "config.yaml")
+    own = run_tokenizers(d)  # the run's own copies (hash-checked), so any directory and any later retraining works
+    if own is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, text_tokenizer=own[0],
+                                                                 image_tokenizer=own[1]))
+    else:
+        for kind in ("text", "image"):
+            src = getattr(cfg.data, f"{kind}_tokenizer")
+            if not Path(src).exists():
+                raise CheckpointError(f"{d}: its {kind} tokenizer {src!r} is not found from {Path.cwd()} (runs saved "
+                                      "before tokenizers were copied into the run store the path as given to training: "
+                                      "run from that directory, or edit data.*_tokenizer in its config.yaml)")
     text_tok = load_tokenizer(cfg.data.text_tokenizer)
     image_tok = load_image_tokenizer(cfg.data.image_tokenizer)
     cfg.model.hf_init = ""  # the checkpoint holds every weight

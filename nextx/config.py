@@ -388,6 +388,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree = to_dict(Config())
     if path is not None:
         p = Path(path)
+        builtin = Path(__file__).resolve().parents[1] / p   # configs/*.yaml of the clone, from any directory
+        if not p.is_file() and not p.is_absolute() and builtin.is_file():
+            p = builtin
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found")
         try:

@@ -37,3 +37,17 @@ def describe(e: BaseException) -> str | None:
     if isinstance(e, yaml.YAMLError):
         return f"YAML error: {e}"
     return None
+
+
+def refuse_existing(out, force: bool, what: str, pattern: str = "*") -> None:
+    """Writers of data and tokenizers never replace an earlier output silently: an `out` holding entries that match
+    `pattern` (shards: "*.tar") needs --force."""
+    from pathlib import Path
+
+    p = Path(out)
+    if force or not p.exists():
+        return
+    n = sum(1 for _ in p.glob(pattern)) if p.is_dir() else 1
+    if n:
+        raise UserError(f"{p} already holds {what} ({n} entr{'y' if n == 1 else 'ies'}); nothing was written. Pass "
+                        "--force to replace it, or choose another --out")

@@ -214,6 +214,50 @@ def _text_opts(p: argparse.ArgumentParser, max_new: int, temperature: float) -> 
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
 
 
+def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse values that would silently do something else (argparse's usage + one line, exit 2)."""
+    rules = [("steps", lambda v: v is None or v >= 1, "must be >= 1"),
+             ("cfg_scale", lambda v: v is None or v >= 0, "must be >= 0 (0 = unconditional, 1 = no guidance)"),
+             ("temperature", lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+             ("top_k", lambda v: v >= 0, "must be >= 0 (0 = off)"),
+             ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 = off)"),
+             ("batch_size", lambda v: v >= 1, "must be >= 1"), ("max_new_tokens", lambda v: v >= 1, "must be >= 1"),
+             ("grid_cols", lambda v: v >= 1, "must be >= 1"), ("max_images", lambda v: v >= 0, "must be >= 0")]
+    for name, ok, msg in rules:
+        if hasattr(a, name) and not ok(getattr(a, name)):
+            p.error(f"--{name.replace('_', '-')} {msg}, got {getattr(a, name)}")
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line (blank lines skipped) of a UTF-8 text file; an empty or undecodable file is an error."""
+    from nextx.errors import UserError
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"--prompts-file {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") \
+            from None
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not prompts:
+        raise UserError(f"--prompts-file {path}: no prompts in it (one per line)")
+    return prompts
+
+
+def warn_unknown(g: Pipeline, prompts: Sequence[str]) -> None:
+    """Say which prompts hold text the tokenizer cannot represent (it becomes <unk>, which the model never saw as
+    a word), e.g. upper case or words outside a small built-in vocabulary."""
+    unk = getattr(g.text_tok, "unk_id", None)
+    if unk is None:
+        return
+    bad = [pr for pr in prompts if unk in g.text_tok.encode(pr)]
+    for pr in bad[:5]:
+        pieces = [w for w in pr.split() if unk in g.text_tok.encode(w)]
+        print(f"warning: prompt {pr!r}: {', '.join(map(repr, pieces)) or 'part of it'} not in the tokenizer's "
+              "vocabulary (encoded as <unk>)", file=sys.stderr)
+    if len(bad) > 5:
+        print(f"warning: {len(bad) - 5} more prompt(s) with unknown text", file=sys.stderr)
+
+
 def _settings(g: Pipeline, a: argparse.Namespace, image: bool) -> dict:
     s = {"run": str(a.run), "ema": a.ema, "device": str(g.device), "seed": a.seed}
     if image:
@@ -233,8 +277,10 @@ def t2i_main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grid-cols", type=int, default=8)
     a = p.parse_args(argv)
-    prompts = a.prompt or [ln.strip() for ln in Path(a.prompts_file).read_text().splitlines() if ln.strip()]
+    _check(p, a)
+    prompts = a.prompt or read_prompts(a.prompts_file)
     g = Pipeline.from_run(a.run, a.device, ema=a.ema)
+    warn_unknown(g, prompts)
     t0 = time.perf_counter()
     px = g.t2i(prompts, steps=a.steps, cfg_scale=a.cfg_scale, sampler=a.sampler, schedule=a.schedule, seed=a.seed,
                batch_size=a.batch_size, progress=True)
@@ -265,22 +311,30 @@ def caption_main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     _text_opts(p, max_new=48, temperature=0.0)
     a = p.parse_args(argv)
+    _check(p, a)
     g = Pipeline.from_run(a.run, a.device, ema=a.ema)
-    pil = []
-    for f in a.images:
-        with PILImage.open(f) as im:
-            pil.append(im.convert("RGB"))
+    pil, good, errors = [], [], {}
+    for f in a.images:  # one unreadable file is reported, the others are still captioned
+        try:
+            with PILImage.open(f) as im:
+                pil.append(im.convert("RGB"))
+            good.append(f)
+        except (OSError, PILImage.DecompressionBombError) as e:
+            errors[f] = f"{type(e).__name__}: {e}"
+            print(f"{f}\terror: not a readable image ({e})", file=sys.stderr)
     caps = g.caption(pil, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                     seed=a.seed, batch_size=a.batch_size, progress=True)
-    for f, c in zip(a.images, caps):
+                     seed=a.seed, batch_size=a.batch_size, progress=True) if pil else []
+    by_file = dict(zip(good, caps))
+    for f, c in by_file.items():
         print(f"{f}\t{c}")
     if a.out:
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        rows = [{"image": f, "caption": c} for f, c in zip(a.images, caps)]
+        rows = [{"image": f, "caption": by_file[f]} if f in by_file else {"image": f, "caption": "", "error": errors[f]}
+                for f in a.images]
         if out.suffix.lower() == ".csv":
             with out.open("w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=["image", "caption"])
+                w = csv.DictWriter(fh, fieldnames=["image", "caption", "error"], restval="")
                 w.writeheader()
                 w.writerows(rows)
         else:
@@ -288,6 +342,9 @@ def caption_main(argv: list[str] | None = None) -> int:
                         "top_k": a.top_k, "top_p": a.top_p}
             out.write_text(json.dumps({"settings": settings, "captions": rows}, indent=2, ensure_ascii=False))
         print(f"-> {out}", file=sys.stderr)
+    if errors:
+        print(f"{len(errors)} of {len(a.images)} file(s) could not be read (listed above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -304,7 +361,9 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-images", type=int, default=4)
     _text_opts(p, max_new=128, temperature=0.0)
     a = p.parse_args(argv)
+    _check(p, a)
     g = Pipeline.from_run(a.run, a.device, ema=a.ema)
+    warn_unknown(g, [a.prompt])
     prompt: list = []
     for f in a.image:
         with PILImage.open(f) as im:

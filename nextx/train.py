@@ -31,9 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nextx.checkpoint import (barrier, clean_partial, export, fault_point, latest_checkpoint, load_run_config,
-                              load_train_state,
-                              save_checkpoint, set_rng_state)
+from nextx.checkpoint import (absolute_paths, barrier, clean_partial, export, fault_point, latest_checkpoint,
+                              load_run_config, load_train_state, save_checkpoint, set_rng_state, snapshot_tokenizers)
 from nextx.config import Config, ConfigError, load_config, save_config, to_dict
 from nextx.data import build_loader
 from nextx.engine import build_engine, init_distributed
@@ -67,7 +66,7 @@ def micro_seed(seed: int, step: int, k: int) -> int:
 
 
 def _resume_keys(cfg: Config) -> dict:
-    d = to_dict(cfg)
+    d = to_dict(absolute_paths(cfg))
     d["data"].pop("num_workers")
     return {k: d[k] for k in ("model", "data", "objective", "optim", "dist")} | {"seed": d["train"]["seed"]}
 
@@ -272,6 +271,7 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_all(cfg.train.seed)  # identical model init on every rank (ZeRO-3 keeps each rank's own partition)
+    cfg = absolute_paths(cfg)                   # the run's config loads from any directory
     out, resume_from = find_resume(cfg, cfg.out_dir)
     if out != cfg.out_dir:
         cfg = dataclasses.replace(cfg, name=out.name)
@@ -284,6 +284,7 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
         if resume_from is None and cfg.train.if_exists == "overwrite":
             _wipe_outputs(out)
         clean_partial(out)
+        snapshot_tokenizers(cfg, out)           # copies + hashes; a tokenizer changed under a resume is refused
         dropped = dedup_metrics(out, load_train_state(resume_from, 0).get("step", 0) if resume_from else 0)
         if dropped:
             print0(f"metrics.jsonl: {dropped} row(s) after the resume point removed (they are replayed)")

@@ -144,7 +144,9 @@ def test_lit_text_tower_is_frozen_and_the_folder_loads_alone(clip_dir, tmp_path)
 
     _tiny_bert(tmp_path / "bert")
     out = tmp_path / "lit"
-    with pytest.raises(SystemExit, match="not a Hugging Face model folder"):
+    from nextx.errors import UserError
+
+    with pytest.raises(UserError, match="not a Hugging Face model folder"):
         clip_main(["--shards", str(clip_dir / "shapes"), "--out", str(out), "--lit-text", str(tmp_path)])
     assert clip_main(["--shards", str(clip_dir / "shapes"), "--out", str(out), "--steps", "4", "--batch", "16",
                       "--width", "32", "--layers", "1", "--embed-dim", "16", "--threads", "1", "--lr", "1e-2",

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "nextx"
-TRAINING = {"train", "objective", "data", "engine", "metrics", "demo", "cli"}
+TRAINING = {"train", "objective", "data", "engine", "metrics", "demo", "cli", "rundir"}
 
 
 def _graph() -> dict[str, set[str]]:

@@ -276,3 +276,179 @@ def test_checkpoints_with_nan_other_shapes_or_corrupt_files_are_refused(env, tmp
     f.write_bytes(f.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="cannot be read .*corrupt or incomplete"):
         load_for_inference(cut)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Runs are self-contained
+
+
+def test_a_run_loads_from_any_directory_and_refuses_a_changed_tokenizer(env, tmp_path, monkeypatch):
+    import shutil
+
+    from nextx.checkpoint import CheckpointError, load_for_inference
+
+    root, data = env
+    tok = tmp_path / "tok"
+    shutil.copytree(root / "text", tok / "text")
+    monkeypatch.chdir(tmp_path)                                                # relative paths, as users write them
+    rel = ["data.text_tokenizer=tok/text", f"data.image_tokenizer={root / 'pixel'}",
+           f"data.train_shards={root / 'shards'}", "run_dir=runs", "name=rel", "train.steps=1"]
+    from nextx.train import train
+
+    s = train(load_config(str(ROOT / "configs/tiny.yaml"), [*TINY, *rel]), quiet=True)
+    run = Path(s["out"]).resolve()
+    cfg = load_config(run / "config.yaml")
+    assert cfg.data.text_tokenizer == str(tok / "text") and Path(cfg.data.train_shards).is_absolute()
+    man = json.loads((run / "tokenizers" / "manifest.json").read_text())
+    assert set(man) == {"text", "image"} and (run / man["text"]["copy"]).is_dir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model, cfg2, text_tok, *_ = load_for_inference(run)                        # from another directory
+    assert cfg2.data.text_tokenizer.startswith(str(run)) and text_tok.encode("a red circle")
+    (tok / "text" / "extra.txt").write_text("retrained")                        # the source tokenizer changes
+    assert load_for_inference(run)[0] is not None                               # inference uses the run's copy
+    with pytest.raises(CheckpointError, match="changed since this run began"):  # a resume would mix vocabularies
+        train(load_config(run / "config.yaml", ["train.steps=2"]), quiet=True)
+    copy = run / man["text"]["copy"]
+    next(p for p in copy.iterdir() if p.is_file()).write_bytes(b"tampered")
+    with pytest.raises(CheckpointError, match="run's copy of its text tokenizer is missing or was changed"):
+        load_for_inference(run)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The bad-input corpus (tests/fixtures/bad_inputs.yaml)
+
+CASES = __import__("yaml").safe_load((ROOT / "tests" / "fixtures" / "bad_inputs.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def good_run(env):
+    s = _train(env, f"run_dir={env[0] / 'corpus_runs'}", "name=good", "train.steps=1")
+    return Path(s["out"])
+
+
+def _export_copy(run: Path, tmp: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, tmp / "run")
+    return tmp / "run" / "exports" / "step_0000001"
+
+
+def _setup_bad_yaml(tmp, run):
+    (tmp / "bad.yaml").write_text("model: {d_model: 64\n  n: [1\n")
+
+
+def _setup_latin1_yaml(tmp, run):
+    (tmp / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+
+
+def _setup_junk_shards(tmp, run):
+    (tmp / "junk").mkdir()
+    for i in range(2):
+        (tmp / "junk" / f"train-00000{i}.tar").write_bytes(b"\x00junk" * 700)
+
+
+def _setup_empty_prompts(tmp, run):
+    (tmp / "p.txt").write_text("\n  \n")
+
+
+def _setup_latin1_prompts(tmp, run):
+    (tmp / "p.txt").write_bytes("a caf\xe9 circle\n".encode("latin-1"))
+
+
+def _setup_corrupt_export(tmp, run):
+    f = _export_copy(run, tmp) / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:64])
+
+
+def _setup_reshaped_export(tmp, run):
+    c = _export_copy(run, tmp) / "config.yaml"
+    c.write_text(c.read_text().replace("n_layers: 1", "n_layers: 2"))
+
+
+def _setup_nan_export(tmp, run):
+    from safetensors.torch import load_file, save_file
+
+    f = _export_copy(run, tmp) / "model.safetensors"
+    sd = load_file(str(f))
+    sd = {k: v.clone().fill_(float("nan")) if v.is_floating_point() else v for k, v in sd.items()}
+    save_file(sd, str(f))
+
+
+def _setup_out_file(tmp, run):
+    (tmp / "o").write_text("a file where the output dir should go")
+
+
+def _setup_images_one_bad(tmp, run):
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp / "good.png")
+    (tmp / "bad.png").write_bytes(b"not a png")
+
+
+def _expand(argv, env, run, tmp):
+    root, data = env
+    subst = {"{root}": str(root), "{run}": str(run), "{tmp}": str(tmp), "{shards}": str(root / "shards"),
+             "{text}": str(root / "text"), "{pixel}": str(root / "pixel")}
+    out = []
+    for a in argv:
+        if a == "{cfg}":
+            out += [str(ROOT / "configs" / "tiny.yaml"), *TINY, *data]
+            continue
+        for k, v in subst.items():
+            a = a.replace(k, v)
+        out.append(a)
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_bad_input_corpus(case, env, good_run, tmp_path, capsys):
+    """One routine mistake: the real entry point (`nextx.cli.main`, what the `nextx` script runs) ends with the
+    case's exit code and message, without a traceback."""
+    import time
+
+    from nextx.cli import main
+
+    if case.get("setup"):
+        globals()[f"_setup_{case['setup']}"](tmp_path, good_run)
+    t0 = time.perf_counter()
+    try:
+        rc = main(_expand(case["argv"], env, good_run, tmp_path))
+    except SystemExit as e:                     # argparse's usage errors exit 2 after printing their message
+        rc = e.code
+    seconds = time.perf_counter() - t0
+    out = capsys.readouterr()
+    assert rc == case.get("rc", 2), f"rc {rc}\n{out.err[-3000:]}"
+    assert "Traceback" not in out.err + out.out, out.err[-3000:]
+    import re
+
+    assert re.search(case["message"], out.err), f"expected /{case['message']}/ in:\n{out.err[-2000:]}"
+    assert seconds < 60, f"{case['name']} took {seconds:.0f} s"
+    lines = [x for x in out.err.strip().splitlines() if x.strip() and "it/s]" not in x]   # progress bars aside
+    assert len(lines) <= 3 or case.get("rc", 2) != 2 or "usage:" in out.err, out.err
+
+
+def test_corpus_size():
+    assert len(CASES) >= 40 and len({c["name"] for c in CASES}) == len(CASES)
+
+
+def test_unknown_words_in_a_prompt_are_named(env, good_run, tmp_path, capsys):
+    from nextx.cli import main
+
+    assert main(["t2i", str(good_run), "--prompt", "a RED Circle", "--prompt", "a red circle", "--out",
+                 str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "prompt 'a RED Circle': 'RED', 'Circle' not in the tokenizer's vocabulary" in err
+    assert "'a red circle'" not in err
+
+
+def test_caption_keeps_the_good_files_when_one_is_bad(env, good_run, tmp_path, capsys):
+    from nextx.cli import main
+
+    _setup_images_one_bad(tmp_path, good_run)
+    assert main(["caption", str(good_run), str(tmp_path / "good.png"), str(tmp_path / "bad.png"), "--out",
+                 str(tmp_path / "c.json")]) == 1
+    rows = json.loads((tmp_path / "c.json").read_text())["captions"]
+    assert [r["image"].endswith("good.png") and "error" not in r for r in rows] == [True, False]
+    assert "error" in rows[1] and rows[1]["caption"] == ""

@@ -10,6 +10,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
+from nextx.errors import UserError
 import sentencepiece as spm
 import torch
 from PIL import Image as PILImage
@@ -230,8 +232,10 @@ def test_job_end_to_end_on_shards(tmp_path, capsys):
     assert t.vocab_size == 64 and t.decode(t.encode(caps[0])) == caps[0]
     assert t.unk_id in t.encode("zebra")  # the heldout split was not read
 
+    with pytest.raises(UserError, match="already holds a tokenizer .*--force"):   # never replaced silently
+        main(["--shards", str(tmp_path / "shards"), "--out", str(out), "--max-texts", "50", "--vocab-size", "64"])
     assert main(["--shards", str(tmp_path / "shards"), "--out", str(out), "--max-texts", "50", "--vocab-size",
-                 "9999"]) == 2
+                 "9999", "--force"]) == 2
     assert "at most" in capsys.readouterr().err
     (tmp_path / "lines.txt").write_text("\n".join(caps) + "\n\n")
     assert main(["--text-file", str(tmp_path / "lines.txt"), "--out", str(tmp_path / "tok2"), "--vocab-size",

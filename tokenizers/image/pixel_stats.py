@@ -43,11 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", required=True, help="shard dir, .tar file or brace pattern")
     p.add_argument("--split", default="train", help="split of a shard dir (default: train; '' = every .tar)")
     p.add_argument("--out", required=True, help="output tokenizer dir")
+    p.add_argument("--force", action="store_true", help="replace what --out already holds")
     p.add_argument("--image-size", type=int, default=32, help="side images are resized to (default 32)")
     p.add_argument("--patch-size", type=int, default=4, help="patch side p: tokens of 3*p*p values (default 4)")
     p.add_argument("--max-images", type=int, default=2000, help="measure on the first N images (default 2000)")
     p.add_argument("--sigma-d", type=float, default=SIGMA_D, help="latent std to scale to (default 0.5)")
     a = p.parse_args(argv)
+    from nextx.errors import refuse_existing
+
+    refuse_existing(a.out, a.force, "a tokenizer")
     if a.image_size % a.patch_size:
         print(f"nextx tokenizer pixel: --image-size {a.image_size} is not divisible by --patch-size "
               f"{a.patch_size}", file=sys.stderr)

@@ -178,6 +178,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--split", default="train", help="training split (default: train)")
     p.add_argument("--val-split", default="heldout", help="held-out split for the report (default: heldout)")
     p.add_argument("--out", required=True, help="output tokenizer dir")
+    p.add_argument("--force", action="store_true", help="replace what --out already holds")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--downsample", type=int, default=4, help="spatial factor f: 2, 4, 8 or 16 (default 4)")
     p.add_argument("--z-channels", type=int, default=4)
@@ -197,6 +198,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     a = p.parse_args(argv)
+    from nextx.errors import refuse_existing
+
+    refuse_existing(a.out, a.force, "a tokenizer")
     if not a.steps and not a.minutes:
         p.error("give --steps or --minutes (or both): training needs an end")
     return a

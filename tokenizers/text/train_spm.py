@@ -71,12 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--text-file", metavar="FILE", help="UTF-8 text, one training text per line")
     p.add_argument("--split", default="train", help="split of shard dirs (default: train; '' = every .tar)")
     p.add_argument("--out", required=True, help="output dir for tokenizer.model + tokenizer.json")
+    p.add_argument("--force", action="store_true", help="replace what --out already holds")
     p.add_argument("--vocab-size", type=int, default=2048, help="total ids incl. specials (default: 2048)")
     p.add_argument("--max-texts", type=int, default=None, help="train on the first N texts only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--character-coverage", type=float, default=1.0, help="share of characters with a piece")
     p.add_argument("--byte-fallback", action="store_true", help="spend 256 ids on raw bytes: no <unk> ever")
     a = p.parse_args(argv)
+    from nextx.errors import refuse_existing
+
+    refuse_existing(a.out, a.force, "a tokenizer")
 
     t0 = time.time()
     stats: dict = {}
