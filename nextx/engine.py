@@ -277,16 +277,20 @@ class _DSNet(torch.nn.Module):
 
     With several ranks, DeepSpeed reduces gradients in buckets filled in the order the gradients arrive, so every
     rank must produce gradients for the same parameters in the same order: the backward graph must not depend on
-    the data. Two data-dependent branches exist. (1) The objective leaves the text logits out of the loss when a
-    micro-batch has no text target (the LM head then gets no gradient): `uniform` adds 0 x (one row of the
-    logits) to latent_out, so the LM head is always in the graph (cost: one zero row-gradient). (2) The model runs
-    its time path and adaLN only when a micro-batch holds a generated image: the loop keeps ranks in agreement on
-    that (`nextx.train.RankAgreement`)."""
+    the data. Three data-dependent branches exist, each made uniform with several ranks. (1) The objective leaves
+    the text logits out of the loss when a micro-batch has no text target (the LM head then gets no gradient):
+    `uniform` adds 0 x (one row of the logits) to latent_out, so the LM head is always in the graph (cost: one zero
+    row-gradient). (2) The model runs its time path, adaLN and latent convolutions only on image tokens:
+    `NextX.uniform_graph` runs them on empty selections when there are none. (3) The IMM target pass (a second,
+    no-grad forward, which under ZeRO-3 gathers every parameter) runs on every micro-batch
+    (`objective.compute_loss(uniform=True)`), on one row with zero weight when nothing is generated."""
 
     def __init__(self, net: torch.nn.Module, uniform: bool = False):
         super().__init__()
         self.net = net
         self.uniform = uniform
+        if uniform and hasattr(net, "uniform_graph"):
+            net.uniform_graph = True
 
     def forward(self, *args, **kwargs):
         out = self.net(*args, **kwargs)

@@ -110,7 +110,7 @@ def fmt_record(rec: dict) -> str:
 
 def new_accumulator() -> dict:
     return {"loss_sums": dict.fromkeys(LOSS_KEYS, 0.0), "counts": dict.fromkeys(COUNT_KEYS, 0), "micro": 0,
-            "tokens": 0, "tokens_all": 0, "pad": 0, "images": 0, "flops": 0.0, "stats": {}, "skipped": 0,
+            "tokens": 0, "tokens_all": 0, "pad": 0, "images": 0, "flops": 0.0, "stats": {},
             "nonfinite": 0}
 
 
@@ -136,10 +136,10 @@ def log_record(acc, info, step, dt, elapsed, world, peak, device, cfg, timed_out
     stat_keys = sorted(acc["stats"])
     vals = ([acc["loss_sums"][k] for k in LOSS_KEYS] + [acc["counts"][k] for k in COUNT_KEYS]
             + [acc["micro"], acc["tokens"], acc["tokens_all"], acc["pad"], acc["images"], acc["flops"],
-               acc["skipped"], acc["nonfinite"], float(timed_out)])
+               acc["nonfinite"], float(timed_out)])
     red = all_reduce_sum(torch.tensor([float(v) for v in vals], dtype=torch.float64), world).tolist()  # host sync
     nl, nc = len(LOSS_KEYS), len(COUNT_KEYS)
-    micro, tokens, tokens_all, pad, images, flops, skipped, nonfinite, tflag = red[nl + nc:]
+    micro, tokens, tokens_all, pad, images, flops, nonfinite, tflag = red[nl + nc:]
     rec: dict = {"step": step}
     for k, v in zip(LOSS_KEYS, red[:nl]):
         if k in ("loss", "ce", cfg.objective.kind):
@@ -157,8 +157,6 @@ def log_record(acc, info, step, dt, elapsed, world, peak, device, cfg, timed_out
     rec["packing"] = 1 - pad / max(1.0, tokens_all)
     for k, v in zip(COUNT_KEYS, red[nl:nl + nc]):
         rec[k] = int(v)
-    if skipped:
-        rec["skipped"] = int(skipped)  # micro-batches dropped on all ranks (ZeRO-3 control flow, see above)
     if nonfinite:
         rec["nonfinite_skipped"] = int(nonfinite)  # micro-batches whose loss was NaN/inf: no backward, no update
     for k in stat_keys:  # this rank's pipeline counters (bad samples, truncations)

@@ -172,9 +172,13 @@ def image_splits(sel: torch.Tensor, pos2d: torch.Tensor) -> list[tuple[torch.Ten
 
 
 def grid_conv(conv: nn.Conv2d, x: torch.Tensor, splits: list[tuple[torch.Tensor, int, int]],
-              n_out: int) -> torch.Tensor:
-    """conv over each split's token grid: x (n_all, C_in) flat tokens -> (n_all, C_out), zero off the splits."""
+              n_out: int, uniform: bool = False) -> torch.Tensor:
+    """conv over each split's token grid: x (n_all, C_in) flat tokens -> (n_all, C_out), zero off the splits.
+    uniform: without any split, still run the conv (on an empty batch), so the module is in the graph."""
     out = x.new_zeros(n_out, conv.out_channels)
+    if uniform and not splits:
+        y = conv(x[:0].view(0, x.shape[-1], 1, 1))                               # (0, C_out, 1, 1)
+        return out + (y.sum() * 0.0).to(out.dtype)
     for idx, h, w in splits:
         g = x[idx].view(len(idx), h, w, -1).permute(0, 3, 1, 2)                # (n, C_in, h, w)
         y = conv(g).permute(0, 2, 3, 1).reshape(-1, conv.out_channels)          # (n h w, C_out)
@@ -281,12 +285,14 @@ class Block(nn.Module):
         k = cfg.block_conv
         self.local = nn.Conv2d(cfg.d_model, cfg.d_model, k, padding=k // 2, groups=cfg.d_model) if k else None
 
+    uniform = False  # set by NextX: run every module whatever the data (see NextX.uniform_graph)
+
     def _local(self, x, splits):
         """x + depthwise conv over every image split's grid (block_conv; identity when off or without images)."""
-        if self.local is None or not splits:
+        if self.local is None or not (splits or self.uniform):
             return x
         B, L, D = x.shape
-        return x + grid_conv(self.local, x.reshape(B * L, D), splits, B * L).view(B, L, D)
+        return x + grid_conv(self.local, x.reshape(B * L, D), splits or [], B * L, self.uniform).view(B, L, D)
 
     def forward(self, x, cos, sin, mask, past: KV | None, cond, splits=None):
         """cond: None (no NOISE token), or (silu_e (n_img, D) fp32, nz (n_noise,) flat token index, ni (n_noise,)
@@ -315,6 +321,19 @@ class NextX(nn.Module):
 
     cfg.vocab_size may be 0 (filled from `vocab_size`) or must equal `vocab_size`. `rope_scaling`: an HF Llama
     rope-scaling dict (None or llama3), normally set only by `pretrained.load_hf_llama`."""
+
+    @property
+    def uniform_graph(self) -> bool:
+        """True: every module runs on every forward whatever the data (the time path, adaLN and the latent
+        convolutions on empty selections when a micro-batch holds no image), so ranks of a DeepSpeed job run one
+        graph and one sequence of ZeRO-3 gathers. Set by the engine with several ranks; off for inference."""
+        return getattr(self, "_uniform", False)
+
+    @uniform_graph.setter
+    def uniform_graph(self, on: bool) -> None:
+        self._uniform = bool(on)
+        for blk in self.layers:
+            blk.uniform = bool(on)
 
     def __init__(self, cfg: ModelConfig, *, vocab_size: int, latent_dim: int, rope_scaling: dict | None = None):
         super().__init__()
@@ -377,7 +396,7 @@ class NextX(nn.Module):
             z = self.latent_in(lat)                                                   # (B, L, D)
         else:  # conv over every clean and noise split's grid
             B, L, _ = lat.shape
-            z = grid_conv(self.latent_in, lat.reshape(B * L, -1), splits, B * L).view(B, L, -1)
+            z = grid_conv(self.latent_in, lat.reshape(B * L, -1), splits, B * L, self.uniform_graph).view(B, L, -1)
         if self.cfg.pos2d in ("sincos", "rope+sincos"):
             scale = self.cfg.sincos_scale or self.cfg.init_std
             z = z + scale * sincos_2d(pos2d, self.cfg.d_model).to(z.dtype)
@@ -424,7 +443,7 @@ class NextX(nn.Module):
         noise = (kind == NOISE).reshape(-1)
         nz = noise.nonzero().squeeze(1)                                               # (n_noise,) flat indices
         cond = None
-        if nz.numel():
+        if self.uniform_graph or nz.numel():  # (uniform: the time path and adaLN run, on nothing, without noise)
             ni = img.reshape(-1)[nz].long()                                           # (n_noise,) image of each
             cond = (self._time(t, s), nz, ni)
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
@@ -451,7 +470,7 @@ class NextX(nn.Module):
             flat_kind = kind.reshape(-1)                                              # the noise splits:
             noise_splits = [(idx[flat_kind[idx[:, 0]] == NOISE], hh, ww) for idx, hh, ww in splits]
             lat_out = grid_conv(self.latent_head, h.reshape(B * L, -1),
-                                [s for s in noise_splits if len(s[0])], B * L).view(B, L, -1)
+                                [s for s in noise_splits if len(s[0])], B * L, self.uniform_graph).view(B, L, -1)
         return ModelOutput(text_logits=logits, latent_out=lat_out, past=new_past if use_cache else None)
 
     # ---- helpers

@@ -149,7 +149,8 @@ def _gather_images(v: torch.Tensor, noise: torch.Tensor, grids: torch.Tensor, ge
 
 
 def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds, *, attention: str = "sdpa",
-                 n_heads: int | None = None, generator: torch.Generator | None = None, step: int | None = None):
+                 n_heads: int | None = None, generator: torch.Generator | None = None, step: int | None = None,
+                 uniform: bool = False):
     """One training loss on a packed batch. Returns `(loss, parts)`: parts for logging, the losses and the text-target
     count as detached 0-d tensors on the batch's device (read them at log steps only: reading is a host sync), the
     other counts and times as host numbers.
@@ -158,6 +159,8 @@ def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds,
     generator: a CPU torch.Generator for all random draws (times, CFG dropout); noise uses it too, on CPU, so a
     run is reproducible across devices.
     step: the optimizer step, for the k curriculum (`imm.k_at`); None (validation) uses the final k.
+    uniform: several DeepSpeed ranks: the IMM target pass runs even without a generated image (on one row, its
+    result unused), so every rank runs the same forwards (engine._DSNet).
     """
     device = batch.ids.device
     batch, n_dropped = cfg_dropout(batch, cfg.cfg_drop, special, generator, cfg.null_prompt)
@@ -181,6 +184,9 @@ def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds,
     if len(gen) == 0 or cfg.image_weight == 0:
         img_loss = out.latent_out.sum() * 0.0
         parts[cfg.kind] = 0.0
+        if uniform and cfg.kind == "imm" and cfg.image_weight:
+            _target_pass(model, batch, x, eps, r, s, mask, cfg, rows=torch.zeros(1, dtype=torch.long,
+                                                                                 device=device))
     elif cfg.kind == "flow":
         G = out.latent_out.float()
         v_target = imm.flow_target(x, eps) / cfg.sigma_d                              # velocity ε − x in G units
@@ -220,12 +226,15 @@ def compute_loss(model, batch: Batch, cfg: ObjectiveConfig, special: SpecialIds,
 
 
 @torch.no_grad()
-def _target_pass(model, batch: Batch, x, eps, r, s, mask, cfg: ObjectiveConfig) -> torch.Tensor:
-    """ŷ = f_θ⁻(x_r, s, r) on every token (B, L, C), float64; only rows holding noise tokens are run.
+def _target_pass(model, batch: Batch, x, eps, r, s, mask, cfg: ObjectiveConfig,
+                 rows: torch.Tensor | None = None) -> torch.Tensor:
+    """ŷ = f_θ⁻(x_r, s, r) on every token (B, L, C), float64; only rows holding noise tokens are run (or the
+    given rows).
 
     θ⁻ is the current weights (no EMA: docs/imm.md §4); fp32 without autocast (docs/imm.md §9: bf16 cannot tell r from t)."""
     noise_tok = batch.kind == NOISE
-    rows = noise_tok.any(dim=1).nonzero(as_tuple=True)[0]
+    if rows is None:
+        rows = noise_tok.any(dim=1).nonzero(as_tuple=True)[0]
     r_tok = _per_token(r, batch.img)                                                  # (B, L) float64
     x_r = _noised(x, eps, r_tok, noise_tok)
     sub = _select_rows(batch, rows)

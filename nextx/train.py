@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import random
 import sys
 import time
@@ -240,14 +241,12 @@ def quick_eval(engine, cfg: Config, special, rank: int, world: int, device, agre
         if uniform:
             if agree.sums([float(batch is not None)])[0] < world:
                 break
-            if not agree.same_graph(batch):
-                continue
         elif batch is None:
             break
         gen.manual_seed(micro_seed(cfg.train.seed + 1, 0, i * world + rank))
         with engine.autocast():
             _, parts = compute_loss(model, batch.to(device), cfg.objective, special, attention=cfg.model.attention,
-                                    n_heads=cfg.model.n_heads, generator=gen)
+                                    n_heads=cfg.model.n_heads, generator=gen, uniform=uniform)
         sums += torch.tensor([float(parts.get(k, 0.0)) for k in LOSS_KEYS] + [1.0], dtype=torch.float64)
     model.train(was)
     sums = all_reduce_sum(sums, world)
@@ -352,16 +351,14 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
             batch = next(it)
             positions[batch.position[0]] = batch.position[1:]
             batches += 1
-            if agree is not None and not agree.same_graph(batch):
-                acc["skipped"] += 1
-                continue
             count_batch(acc, batch, flops_tok)
             gen.manual_seed(micro_seed(cfg.train.seed, step, micro * world + rank))
             micro += 1
             batch = batch.to(device, non_blocking=True)
             with engine.autocast():
                 loss, parts = compute_loss(engine.model, batch, cfg.objective, special, attention=cfg.model.attention,
-                                           n_heads=cfg.model.n_heads, generator=gen, step=engine.step_count)
+                                           n_heads=cfg.model.n_heads, generator=gen, step=engine.step_count,
+                                           uniform=agree is not None)
             if cfg.train.max_nonfinite and not _finite(loss, agree):
                 acc["nonfinite"] += 1
                 bad_run += 1
@@ -404,6 +401,10 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
                 if not quiet:
                     say(fmt_record(rec))
                 t_last, acc = now, new_accumulator()
+                if not math.isfinite(rec.get("loss", 0.0)):  # train.max_nonfinite=0: no per-step check, this one
+                    raise NumericError(f"step {step}: the mean loss since the last log step is {rec['loss']} "
+                                       f"(train.max_nonfinite=0 checks only here); last good checkpoint: "
+                                       f"{latest_checkpoint(out) or 'none yet'}")
             t_extra = time.perf_counter()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 ev = quick_eval(engine, cfg, special, rank, world, device, agree)
@@ -449,15 +450,9 @@ def engine_is_zero3(engine) -> bool:
 
 
 class RankAgreement:
-    """Keeps DeepSpeed ranks on one backward graph (and, under ZeRO-3, one sequence of parameter gathers).
-
-    DeepSpeed reduces gradients in buckets filled in arrival order, and ZeRO-3 gathers each module's parameters
-    collectively when it runs: every rank must run the same modules. The model runs its time path and adaLN, and
-    the objective its target pass, only on micro-batches holding a generated image, so the ranks must agree on
-    that, or the micro-batch is skipped on every rank (logged as `skipped`; rare with image-text pairs packed into
-    long rows, and exact-resume safe since it is a function of the data). Flags travel over gloo on the CPU: no
-    device sync. Disagreeing ranks would otherwise corrupt gradients silently (ZeRO 1-2: same sizes, other order)
-    or fail in a collective."""
+    """Small agreements between ranks over gloo on the CPU (no device sync): whether every rank still has a val
+    batch, a signal any rank received, a non-finite loss on any rank. (Ranks never need to agree on the data:
+    with several ranks the graph is the same whatever a micro-batch holds, engine._DSNet.)"""
 
     def __init__(self, world: int):
         self.world = world
@@ -470,10 +465,6 @@ class RankAgreement:
         if self.world > 1:
             torch.distributed.all_reduce(t, group=self.group)
         return t.tolist()
-
-    def same_graph(self, batch) -> bool:
-        n = self.sums([float(bool(batch.image_generate.any()))])[0]
-        return n == 0 or n == self.world
 
 
 class NumericError(UserError):

@@ -475,3 +475,30 @@ def test_flex_backend_matches_sdpa_gpu_with_grads():
 def test_xformers_backend_fails_clearly():
     with pytest.raises(RuntimeError, match="xformers"):
         NextX(tiny_cfg(attention="xformers"), vocab_size=V, latent_dim=C)
+
+
+@pytest.mark.parametrize("kw", [{}, {"latent_conv": 3, "block_conv": 3}])
+def test_uniform_graph_reaches_every_parameter_without_images(kw):
+    """With several ranks every module must run on every micro-batch (engine._DSNet): with uniform_graph a text-only
+    batch gives every parameter a gradient (zeros for the image path), and the outputs do not change."""
+    torch.manual_seed(0)
+    m = perturb_zero_init(NextX(tiny_cfg(**kw), vocab_size=V, latent_dim=C))
+    b = collate([pack_row([layout_document([[5, 6, 7, 8]], SP)], 12, SP.pad)])
+    mask = dense_mask(b.doc, b.kind, b.split)
+
+    def grads(uniform):
+        m.uniform_graph = uniform
+        m.zero_grad(set_to_none=True)
+        out = run(m, b, mask, latents=torch.zeros(*b.ids.shape, C))
+        (out.text_logits.sum() + out.latent_out.sum()).backward()
+        return out, {n: p.grad for n, p in m.named_parameters()}
+
+    plain, g0 = grads(False)
+    uni, g1 = grads(True)
+    assert any(g is None for g in g0.values())                                  # the image path is not in the graph
+    assert all(g is not None for g in g1.values())                              # ... now it is
+    image_only = [n for n, g in g0.items() if g is None]
+    assert all(float(g1[n].abs().max()) == 0.0 for n in image_only)             # with zero gradients
+    assert torch.equal(plain.text_logits, uni.text_logits) and torch.equal(plain.latent_out, uni.latent_out)
+    assert all(blk.uniform for blk in m.layers)
+    m.uniform_graph = False
