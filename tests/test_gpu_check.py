@@ -25,4 +25,4 @@ def test_gpu_check_tiny_runs_every_section(tmp_path):
     skipped = {n: s["reason"] for n, s in res["sections"].items() if s["status"] == "skipped"}
     assert all(skipped.values())                                         # every skip says why
     md = (tmp_path / "gc" / "gpu_check.md").read_text()
-    assert all(f"| {n} |" for n in SECTIONS) and "IMM 4 steps" in md
+    assert all(f"| {n} |" in md for n in SECTIONS) and "IMM 4 steps" in md
