@@ -164,6 +164,14 @@ class ClipImageFeatures(torch.nn.Module):
         return self.clip.images([Image.fromarray(a) for a in arr]).double()
 
 
+def rank_correlation(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation of two score lists (ties share their mean rank; torchmetrics' implementation),
+    e.g. per-image CLIPScore against the exact scorer's share of facts right."""
+    from torchmetrics.functional import spearman_corrcoef
+
+    return float(spearman_corrcoef(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)))
+
+
 def frechet_distance(clip: Clip, real: Sequence, fake: Sequence) -> float:
     """Fréchet distance between two sets of PIL images in the CLIP's image features (torchmetrics' FID with the CLIP
     as feature extractor). Both sets need more than one image."""

@@ -137,7 +137,12 @@ def markdown(report: dict) -> str:
         cl = clip_refs[0][1]
         lines += ["", f"CLIP references: real held-out images CLIPScore {cl['real_images_clipscore']:.1f} (shuffled "
                   f"{cl['real_images_shuffled_clipscore']:.1f}); FD floor (other real scenes) "
-                  f"{cl['floor_real_vs_real']:.3f}, ceiling (real vs noise) {cl['ceiling_real_vs_noise']:.3f}."]
+                  f"{cl['floor_real_vs_real']:.3f}, ceiling (real vs noise) {cl['ceiling_real_vs_noise']:.3f}.",
+                  "", "Agreement of CLIPScore with the exact scorer (Spearman rank correlation over the generated "
+                  "images of per-image CLIPScore and share of the prompt's facts right): " + "; ".join(
+                      f"{n} {k} step{'s' if int(k) > 1 else ''} {r['clipscore_vs_exact_spearman']:.2f}"
+                      for n, sec in report["models"].items() for k, r in sec["t2i"].items()
+                      if "clipscore_vs_exact_spearman" in r) + "."]
     for name, sec in report["models"].items():
         lines += ["", f"## {name}: captions of held-out images", "", "| truth | generated |", "|---|---|"]
         lines += [f"| {e['truth']} | {e['generated']} |" for e in sec["caption"]["examples"]]

@@ -66,9 +66,14 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
         res["t2i"][k] = {**score_with_chance(ims, captions, seed), "seconds": time.perf_counter() - t0,
                          "gen_seconds": t_gen}
         if clip is not None:
-            from evals.clip_align import frechet_distance
+            from evals.clip_align import frechet_distance, rank_correlation
+            from evals.shapes_score import score_image
 
-            res["t2i"][k]["clipscore"] = float(clip.score(ims, captions).mean())
+            per_image = clip.score(ims, captions)
+            exact = [sum(r["n_correct"].values()) / max(1, sum(r["n_facts"].values()))
+                     for r in (score_image(im, c) for im, c in zip(ims, captions))]
+            res["t2i"][k]["clipscore"] = float(per_image.mean())
+            res["t2i"][k]["clipscore_vs_exact_spearman"] = rank_correlation(per_image.tolist(), exact)
             res["t2i"][k]["clipscore_shuffled"] = float(clip.score(ims, shuffled).mean())
             res["t2i"][k]["fd"] = frechet_distance(clip, [d.images[0].pixels for d in docs], ims)
         grids[k] = ims

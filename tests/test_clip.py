@@ -172,3 +172,13 @@ print(json.dumps(f.tolist()))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert torch.allclose(ours, torch.tensor(json.loads(r.stdout.strip().splitlines()[-1])), atol=1e-5)
+
+
+def test_rank_correlation_by_hand():
+    """Spearman by hand: ranks (1, 2, 3, 4) vs (2, 1, 4, 3): 1 - 6 * 4 / (4 * 15) = 0.6; ties share their mean rank."""
+    from evals.clip_align import rank_correlation
+
+    assert rank_correlation([10, 20, 30, 40], [2, 1, 4, 3]) == pytest.approx(0.6, abs=1e-5)
+    assert rank_correlation([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0, abs=1e-5)
+    # ties: b's ranks (1.5, 1.5, 3) against (1, 2, 3): Pearson of the ranks = 0.8660
+    assert rank_correlation([1, 2, 3], [0, 0, 5]) == pytest.approx(0.8660254, abs=1e-5)
