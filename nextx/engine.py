@@ -138,7 +138,8 @@ class PlainEngine:
 
     def step(self) -> dict | None:
         """Apply an optimizer step once every `grad_accum` micro-batches; returns the step's lr and grad norm
-        (a 0-dim tensor: reading it is a host sync, left to the log steps)."""
+        (a 0-dim tensor: reading it is a host sync, left to the log steps). With train.max_nonfinite > 0, a
+        non-finite gradient norm drops the step instead (no update, step count unchanged): {"nonfinite_grad": True}."""
         if self._micro % self.cfg.dist.grad_accum:
             return None
         o = self.cfg.optim
@@ -148,6 +149,9 @@ class PlainEngine:
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip = o.grad_clip if o.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        if self.cfg.train.max_nonfinite and not bool(torch.isfinite(norm)):  # a NaN/inf gradient: no update
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"lr": lr, "grad_norm": norm.detach(), "nonfinite_grad": True}
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:

@@ -345,7 +345,7 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
     it = iter(loader)
     agree = RankAgreement(world) if cfg.dist.engine == "deepspeed" and world > 1 else None
     micro = 0  # micro-batch index within the current optimizer step
-    bad_run = 0  # non-finite losses in a row
+    bad_run = bad_steps = 0  # non-finite losses (micro-batches) and gradients (steps) in a row
     try:
         while not stop:
             batch = next(it)
@@ -383,6 +383,18 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
             acc["micro"] += 1
             if info is None:
                 continue
+            if info.get("nonfinite_grad"):  # plain engine: the update was dropped; the step is redone
+                micro = 0
+                acc["nonfinite"] += 1
+                bad_steps += 1
+                say(f"step {engine.step_count + 1}: non-finite gradient norm; update dropped ({bad_steps} in a row)")
+                if bad_steps >= cfg.train.max_nonfinite:
+                    raise NumericError(
+                        f"step {engine.step_count + 1}: {bad_steps} non-finite gradients in a row (train.max_nonfinite="
+                        f"{cfg.train.max_nonfinite}; last parts: {_parts_text(parts)}); the run stopped. Last good "
+                        f"checkpoint: {latest_checkpoint(out) or 'none yet'}")
+                continue
+            bad_steps = 0
             micro = 0  # checkpoints fall on step boundaries, so a resumed run starts at micro 0 too
             step = engine.step_count
             bar.update(1)

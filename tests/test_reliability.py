@@ -452,3 +452,43 @@ def test_caption_keeps_the_good_files_when_one_is_bad(env, good_run, tmp_path, c
     rows = json.loads((tmp_path / "c.json").read_text())["captions"]
     assert [r["image"].endswith("good.png") and "error" not in r for r in rows] == [True, False]
     assert "error" in rows[1] and rows[1]["caption"] == ""
+
+
+def test_a_nonfinite_gradient_drops_the_update(env, monkeypatch):
+    """A finite loss whose gradient is inf (plain engine): the update is dropped and counted, the step redone; the
+    weights stay finite. K such steps in a row stop the run."""
+    import torch
+
+    import nextx.train as T
+    from nextx.checkpoint import load_for_inference
+    from nextx.train import NumericError
+
+    class InfGrad(torch.autograd.Function):                                     # adds 0, sends back inf
+        @staticmethod
+        def forward(ctx, x):
+            ctx.shape = x.shape
+            return x.sum() * 0
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.full(ctx.shape, float("inf"))
+
+    real, n = T.compute_loss, {"calls": 0}
+
+    def fake(model, *a, bad=lambda c: c == 2, **k):
+        loss, parts = real(model, *a, **k)
+        n["calls"] += 1
+        if bad(n["calls"]):
+            loss = loss + InfGrad.apply(next(model.parameters()))
+        return loss, parts
+
+    monkeypatch.setattr(T, "compute_loss", fake)
+    s = _train(env, "name=infgrad", "train.steps=3")
+    rows = [json.loads(x) for x in (Path(s["out"]) / "metrics.jsonl").read_text().splitlines()]
+    assert s["step"] == 3 and sum(r.get("nonfinite_skipped", 0) for r in rows) == 1
+    model, *_ = load_for_inference(s["out"])
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    n["calls"] = 0
+    monkeypatch.setattr(T, "compute_loss", lambda m, *a, **k: fake(m, *a, bad=lambda c: c >= 2, **k))
+    with pytest.raises(NumericError, match="3 non-finite gradients in a row"):
+        _train(env, "name=infgrad2", "train.steps=5", "train.max_nonfinite=3")
