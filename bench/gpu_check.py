@@ -212,19 +212,19 @@ class Check:
             res.update(status="fail", error=f"rc {rc}")
         return res
 
-    def t2i_latency(self) -> dict:
+    def _bench(self, script: str, name: str, tiny_args: list[str]) -> dict:
+        """A decode/latency bench on this device (tiny: a toy model on one CPU thread); its table is the result."""
         dev = ["--device", "cuda"] if self.cuda else ["--device", "cpu", "--threads", "1"]
-        small = ["--d-model", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--vocab", "64", "--grid", "2",
-                 "--latent-dim", "4", "--repeats", "1", "--lengths", "16", "--batches", "1"] if self.tiny else []
-        rc, log, _ = run([sys.executable, "bench/t2i_latency.py", *dev, *small], self.out, "t2i_latency", 120)
+        toy = ["--d-model", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--vocab", "64", "--grid", "2",
+               "--latent-dim", "4", "--repeats", "1", "--batches", "1"]
+        rc, log, _ = run([sys.executable, script, *dev, *(toy + tiny_args if self.tiny else [])], self.out, name, 120)
         return {"status": "ok" if rc == 0 else "fail", "table": log[-2500:]}
 
+    def t2i_latency(self) -> dict:
+        return self._bench("bench/t2i_latency.py", "t2i_latency", ["--lengths", "16"])
+
     def caption(self) -> dict:
-        dev = ["--device", "cuda"] if self.cuda else ["--device", "cpu", "--threads", "1"]
-        small = ["--d-model", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1", "--vocab", "64", "--grid", "2",
-                 "--latent-dim", "4", "--repeats", "1", "--batches", "1", "--new-tokens", "4"] if self.tiny else []
-        rc, log, _ = run([sys.executable, "bench/caption_decode.py", *dev, *small], self.out, "caption", 120)
-        return {"status": "ok" if rc == 0 else "fail", "table": log[-2000:]}
+        return self._bench("bench/caption_decode.py", "caption", ["--new-tokens", "4"])
 
     def xformers(self) -> dict:
         from nextx.masks import xformers_available
