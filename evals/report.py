@@ -106,7 +106,7 @@ def markdown(report: dict) -> str:
     from evals.shapes_eval import FACTS
 
     s = report["settings"]
-    lines = [f"# nextx evaluation report", "",
+    lines = ["# nextx evaluation report", "",
              f"{s['n']} held-out prompts of `{s['prompts']}`, seed {s['seed']}, CFG scale {s['cfg_scale']}, "
              f"batch {s['batch']}, device {s['device']}; {s['date']}.", "",
              "Exact fact accuracy of the generated images, chance in brackets (the same images scored against "

@@ -270,10 +270,9 @@ class PackedRows(torch.utils.data.IterableDataset):
             # fresh per-epoch state: the position (epoch, rows yielded in it) alone determines what follows
             rng = random.Random((self.seed * 7_368_787 + reader.index) * 1_000_003 + epoch)
             packer = Packer(cfg.row_len, special.pad, cfg.pack_buffer)
-            n, too_long, seen0, bad0 = 0, 0, self._seen, self._n_bad
+            n, seen0, bad0 = 0, self._seen, self._n_bad
             for row in self._epoch_rows(epoch, reader, rng, packer, text_tok, image_tok, special, stats):
                 n += 1
-                too_long += row.stats.get("too_long", 0)
                 if n <= skip:
                     continue
                 row.position = (reader.index, epoch, n)
@@ -282,7 +281,7 @@ class PackedRows(torch.utils.data.IterableDataset):
                 raise DataError(
                     f"reader {reader.index} read a whole epoch of {len(self.paths)} shard(s) ({_names(self.paths)}) "
                     f"and packed no row: {self._seen - seen0} samples, {self._n_bad - bad0} bad, "
-                    f"{packer.stats['too_long'] + too_long} longer than data.row_len={cfg.row_len}; check the shards "
+                    f"{packer.stats['too_long']} longer than data.row_len={cfg.row_len}; check the shards "
                     f"with `nextx data inspect DIR --validate`")
             skip = 0
             epoch += 1

@@ -185,9 +185,9 @@ def report_docs(cfg: Config) -> list:
 
     docs = held_out_docs(cfg, cfg.train.report_prompts)
     if not all(d.is_pair() and "objects" in d.meta for d in docs):
-        raise SystemExit(f"train.report_every: the val split of {cfg.data.val_shards} is not shapes scenes (the exact "
-                         "scorer needs their objects); use `nextx eval report --clip` on other data, or set "
-                         "train.report_every=0")
+        raise ConfigError(f"train.report_every: the val split of {cfg.data.val_shards} is not shapes scenes (the "
+                          "exact scorer needs their objects); use `nextx eval report --clip` on other data, or set "
+                          "train.report_every=0")
     return docs
 
 
@@ -365,12 +365,7 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
                 say(f"step {engine.step_count + 1}: non-finite loss ({_parts_text(parts)}); micro-batch skipped "
                     f"({bad_run} in a row)")
                 if bad_run >= cfg.train.max_nonfinite:
-                    last = latest_checkpoint(out)
-                    raise NumericError(
-                        f"step {engine.step_count + 1}: {bad_run} non-finite losses in a row (train.max_nonfinite="
-                        f"{cfg.train.max_nonfinite}; last parts: {_parts_text(parts)}); the run stopped. Last good "
-                        f"checkpoint: {last if last else 'none yet'}. Lower optim.lr or check the data, then run the "
-                        "same command to resume")
+                    raise _diverged(f"{bad_run} non-finite losses in a row", engine.step_count + 1, parts, out, cfg)
                 continue
             bad_run = 0
             engine.backward(loss)
@@ -389,10 +384,8 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
                 bad_steps += 1
                 say(f"step {engine.step_count + 1}: non-finite gradient norm; update dropped ({bad_steps} in a row)")
                 if bad_steps >= cfg.train.max_nonfinite:
-                    raise NumericError(
-                        f"step {engine.step_count + 1}: {bad_steps} non-finite gradients in a row (train.max_nonfinite="
-                        f"{cfg.train.max_nonfinite}; last parts: {_parts_text(parts)}); the run stopped. Last good "
-                        f"checkpoint: {latest_checkpoint(out) or 'none yet'}")
+                    raise _diverged(f"{bad_steps} non-finite gradients in a row", engine.step_count + 1, parts, out,
+                                    cfg)
                 continue
             bad_steps = 0
             micro = 0  # checkpoints fall on step boundaries, so a resumed run starts at micro 0 too
@@ -414,9 +407,7 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
                     say(fmt_record(rec))
                 t_last, acc = now, new_accumulator()
                 if not math.isfinite(rec.get("loss", 0.0)):  # train.max_nonfinite=0: no per-step check, this one
-                    raise NumericError(f"step {step}: the mean loss since the last log step is {rec['loss']} "
-                                       f"(train.max_nonfinite=0 checks only here); last good checkpoint: "
-                                       f"{latest_checkpoint(out) or 'none yet'}")
+                    raise _diverged(f"the mean loss since the last log step is {rec['loss']}", step, parts, out, cfg)
             t_extra = time.perf_counter()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 ev = quick_eval(engine, cfg, special, rank, world, device, agree)
@@ -490,6 +481,14 @@ def _finite(loss: torch.Tensor, agree: "RankAgreement | None") -> bool:
     if agree is not None:
         bad = agree.sums([bad])[0]
     return bad == 0
+
+
+def _diverged(what: str, step: int, parts: dict, out: Path, cfg: Config) -> NumericError:
+    """The error that stops a diverged run: what happened, the loss parts, and the checkpoint to go back to."""
+    return NumericError(f"step {step}: {what} (train.max_nonfinite={cfg.train.max_nonfinite}; last parts: "
+                        f"{_parts_text(parts)}); the run stopped. Last good checkpoint: "
+                        f"{latest_checkpoint(out) or 'none yet'}. Lower optim.lr or check the data, then run the same "
+                        "command to resume")
 
 
 def _parts_text(parts: dict) -> str:
