@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             n_tok = image_tok.grid[0] * image_tok.grid[1]
             args = ck["args"]
             m = RefDiT(text_tok.vocab_size, ck["ema"]["tpos"].shape[0], image_tok.token_dim, image_tok.grid,
-                       args["width"], args["depth"])
+                       args["width"], args["depth"], cond=args.get("cond", "tokens"))
             m.load_state_dict(ck["ema"])
             prompts = [text_tok.encode(c) for c in PROMPTS]
             L = n_tok + max(len(x) for x in prompts)

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nextx.imm import shift_time
 from nextx.model import time_features
 from nextx.positions import sincos_2d
 
@@ -54,15 +55,17 @@ class RefDiT(nn.Module):
     """Caption ids (B, Lt) + noised image tokens (B, N, C) + t (B,) -> G (B, N, C)."""
 
     def __init__(self, vocab: int, max_text: int, token_dim: int, grid: tuple[int, int], width: int = 128,
-                 depth: int = 4, heads: int = 4, freq_dim: int = 256):
+                 depth: int = 4, heads: int = 4, freq_dim: int = 256, cond: str = "tokens"):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.cond = freq_dim, cond
         self.tok = nn.Embedding(vocab, width)
         self.tpos = nn.Parameter(torch.randn(max_text, width) * 0.02)
         self.patch = nn.Linear(token_dim, width)
         rc = torch.stack(torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij"), -1).view(-1, 2)
         self.register_buffer("pos", sincos_2d(rc, width), persistent=False)         # (N, width), amplitude 1
         self.t_mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        if cond != "tokens":                  # the caption's mean token embedding joins the time embedding (adaLN)
+            self.c_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.blocks = nn.ModuleList(RefBlock(width, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width, elementwise_affine=False)
         self.final_ada = nn.Linear(width, 2 * width)
@@ -70,15 +73,37 @@ class RefDiT(nn.Module):
         for m in (self.final_ada, self.head):
             nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
 
-    def forward(self, ids, text_keep, x, t):
+    def forward(self, ids, text_keep, x, t, pad: int = -1):
         B, Lt = ids.shape
-        h = torch.cat([self.tok(ids) + self.tpos[:Lt], self.patch(x) + self.pos], dim=1)    # (B, Lt + N, width)
-        keep = torch.cat([text_keep, torch.ones(B, x.shape[1], dtype=torch.bool)], 1)[:, None, None]
-        c = F.silu(self.t_mlp(time_features(1000 * t, self.freq_dim)))                         # (B, width)
+        e = self.tok(ids)                                                                        # (B, Lt, width)
+        c = self.t_mlp(time_features(1000 * t, self.freq_dim))                                  # (B, width)
+        if self.cond != "tokens":
+            real = (ids != pad).float()[..., None]                                              # (B, Lt, 1)
+            c = c + self.c_mlp((e * real).sum(1) / real.sum(1).clamp(min=1))
+        c = F.silu(c)
+        if self.cond == "pooled":
+            Lt = 0
+            h, keep = self.patch(x) + self.pos, None
+        else:
+            h = torch.cat([e + self.tpos[:Lt], self.patch(x) + self.pos], dim=1)               # (B, Lt + N, width)
+            keep = torch.cat([text_keep, torch.ones(B, x.shape[1], dtype=torch.bool)], 1)[:, None, None]
         for blk in self.blocks:
             h = blk(h, c, keep)
         sh, sc = self.final_ada(c)[:, None].chunk(2, dim=-1)
         return self.head(self.norm(h[:, Lt:]) * (1 + sc) + sh)
+
+
+def _attribute_ids(doc) -> list[int]:
+    """A shapes document's true scene as ids (diagnostic conditioning): per object, one id each for its colour,
+    shape, size and cell, in disjoint ranges of one table (ids above 3, clear of the tokenizer's specials)."""
+    from data_tools.shapes import CELLS, COLOURS, SHAPES, SIZES
+    out = []
+    for o in doc.meta["objects"]:
+        base = 4
+        for name, values in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES), ("cell", CELLS)):
+            out.append(base + list(values).index(o[name]))
+            base += len(values)
+    return out
 
 
 def _batch_ids(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,17 +118,17 @@ def _batch_ids(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], pad: int, n_tokens: int, token_dim: int, steps: int, sigma_d: float,
-           cfg_scale: float, generator: torch.Generator) -> torch.Tensor:
-    """Euler from t = 1 to 0 in `steps` uniform steps -> latents (B, N, C)."""
+           cfg_scale: float, generator: torch.Generator, t_shift: float = 1.0) -> torch.Tensor:
+    """Euler from t = 1 to 0 in `steps` uniform steps (moved toward noise by `imm.shift_time`) -> latents (B, N, C)."""
     ids, keep = _batch_ids(prompts, pad)
     B = len(prompts)
     x = torch.randn(B, n_tokens, token_dim, generator=generator) * sigma_d
-    ts = torch.linspace(1.0, 0.0, steps + 1)
+    ts = shift_time(torch.linspace(1.0, 0.0, steps + 1), t_shift)
     for i in range(steps):
         t = ts[i].expand(B)
-        G = model(ids, keep, x, t)
+        G = model(ids, keep, x, t, pad)
         if cfg_scale != 1.0:
-            G = (1 - cfg_scale) * model(torch.full_like(ids, pad), keep, x, t) + cfg_scale * G
+            G = (1 - cfg_scale) * model(torch.full_like(ids, pad), keep, x, t, pad) + cfg_scale * G
         x = x - (ts[i] - ts[i + 1]) * sigma_d * G
     return x
 
@@ -126,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200, help="held-out prompts")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cond", choices=["tokens", "pooled", "both"], default="tokens",
+                   help="caption tokens in the sequence, the caption's mean token embedding added to the time "
+                        "embedding (adaLN on every image token; the sequence is the image alone), or both")
+    p.add_argument("--condition", choices=["caption", "attributes"], default="caption",
+                   help="what the model is conditioned on: the caption's tokens, or (a diagnostic) the scene's true "
+                        "attributes from the shard metadata, one id per colour, shape, size and cell of each object")
+    p.add_argument("--t-shift", type=float, default=1.0,
+                   help="SD3 time shift of the training and sampling times (> 1: toward noise; 1: uniform)")
     a = p.parse_args(argv)
     from evals.shapes_eval import N_GRID_COLS, grid_columns, labelled_grid, score_with_chance, t2i_table
     from nextx.documents import decode_document, iter_raw_samples, shard_paths
@@ -149,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         return docs
 
     train = load("train")
-    caps = [text_tok.encode(d.texts[0]) for d in train]
+    encode = (lambda d: text_tok.encode(d.texts[0])) if a.condition == "caption" else _attribute_ids
+    caps = [encode(d) for d in train]
     x_all = image_tok.encode(pil_to_tensor([d.images[0].pixels for d in train], image_tok.image_size))  # (n, N, C)
     n_tok, C = x_all.shape[1:]
-    model = RefDiT(text_tok.vocab_size, max(len(c) for c in caps) + 8, C, image_tok.grid, a.width, a.depth)
+    model = RefDiT(text_tok.vocab_size, max(len(c) for c in caps) + 8, C, image_tok.grid, a.width, a.depth,
+                   cond=a.cond)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
     print(f"reference: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, {len(train)} train docs, "
@@ -164,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [caps[i] if rng.random() >= 0.1 else [] for i in idx]
         ids, keep = _batch_ids(prompts, pad)
         x = x_all[idx]
-        t = torch.rand(a.batch)
+        t = shift_time(torch.rand(a.batch), a.t_shift)
         eps = torch.randn_like(x) * sigma_d
         xt = (1 - t)[:, None, None] * x + t[:, None, None] * eps
-        loss = (model(ids, keep, xt, t) - (eps - x) / sigma_d).pow(2).mean()
+        loss = (model(ids, keep, xt, t, pad) - (eps - x) / sigma_d).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -189,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     for k in (int(s) for s in a.steps.split(",")):
         ims = []
         for i in range(0, len(held), 50):
-            lat = sample(model, [text_tok.encode(c) for c in prompts[i:i + 50]], pad, n_tok, C, k, sigma_d,
-                         a.cfg_scale, torch.Generator().manual_seed(a.seed + i))
+            lat = sample(model, [encode(d) for d in held[i:i + 50]], pad, n_tok, C, k, sigma_d,
+                         a.cfg_scale, torch.Generator().manual_seed(a.seed + i), a.t_shift)
             ims += to_pil(image_tok.decode(lat))
         res["t2i"][k] = score_with_chance(ims, prompts, a.seed)
         grids[k] = ims

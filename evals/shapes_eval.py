@@ -43,10 +43,12 @@ def held_out_docs(cfg, n: int, split: str | None = None, shards: str | None = No
 
 @torch.no_grad()
 def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_scale: float, batch: int,
-             seed: int, out: Path | None = None, sampler: str | None = None, clip=None) -> dict:
+             seed: int, out: Path | None = None, sampler: str | None = None, clip=None, layout: bool = False) -> dict:
     """Generate and score (module docstring). clip: an `evals.clip_align.Clip` to add CLIPScore of (prompt, image)
     per step count beside the real held-out images' and shuffled prompts', and CLIP similarity of (image, generated
-    caption) beside (image, true caption)."""
+    caption) beside (image, true caption). layout: also draw every prompt's image from another noise, and every noise
+    under another (shuffled) prompt, and report how much the foregrounds overlap (`shapes_score.layout_overlap`):
+    which of the two decides where things go."""
     from evals.shapes_score import score_captions
     from nextx.infer import Pipeline
     from nextx.latents import pil_to_tensor
@@ -76,10 +78,23 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
             res["t2i"][k]["clipscore_vs_exact_spearman"] = rank_correlation(per_image.tolist(), exact)
             res["t2i"][k]["clipscore_shuffled"] = float(clip.score(ims, shuffled).mean())
             res["t2i"][k]["fd"] = frechet_distance(clip, [d.images[0].pixels for d in docs], ims)
+        if layout:
+            from evals.shapes_score import layout_overlap
+
+            kw = dict(steps=k, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch)
+            other_prompt = to_pil(pipe.t2i(shuffled, seed=seed, **kw))                # same noise, other prompt
+            other_noise = to_pil(pipe.t2i(captions, seed=seed + 1, **kw))             # same prompt, other noise
+            res["t2i"][k]["layout"] = {"same_noise_other_prompt": layout_overlap(ims, other_prompt),
+                                       "same_prompt_other_noise": layout_overlap(ims, other_noise)}
         grids[k] = ims
         if out is not None:
             grid_image(ims[:32], cols=8, scale=2).save(out / f"t2i_{k}step.png")
     truth = pil_to_tensor([d.images[0].pixels for d in docs], image_tok.image_size)
+    if layout:                                   # real scenes: the same prompt's own image vs another scene's
+        from evals.shapes_score import layout_overlap
+
+        real = [d.images[0].pixels for d in docs]
+        res["layout_real_other_scene"] = layout_overlap(real, real[1:] + real[:1])
     gen_caps = pipe.caption(truth, max_new_tokens=cfg.data.max_text_tokens, batch_size=batch, progress=True)
     objs = [d.meta["objects"] for d in docs]
     cap = score_captions(gen_caps, objs, captions)
@@ -190,6 +205,11 @@ def t2i_table(res: dict, sampler: str) -> str:
 
 def format_table(res: dict) -> str:
     lines = [t2i_table(res, res["sampler"])]
+    if "layout_real_other_scene" in res:
+        lines.append("what decides the layout (foreground IoU): " + ", ".join(
+            f"{k} step{'s' if k > 1 else ''}: same noise + other prompt {r['layout']['same_noise_other_prompt']:.2f}"
+            f" / same prompt + other noise {r['layout']['same_prompt_other_noise']:.2f}"
+            for k, r in res["t2i"].items()) + f"; two real scenes {res['layout_real_other_scene']:.2f}")
     c = res["caption"]
     lines.append(f"captioning: precision {c['precision']:.3f} (shuffled {c['chance_precision']:.3f}), recall "
                  f"{c['recall']:.3f} (shuffled {c['chance_recall']:.3f}), parsed {c['parsed']:.3f}")
@@ -229,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip", default=None, help="add CLIPScore: an open_clip folder (`nextx clip train` output) or "
                    "an architecture name with --clip-pretrained")
     p.add_argument("--clip-pretrained", default=None, help="local open_clip weights file for --clip NAME")
+    p.add_argument("--layout", action="store_true", help="also measure what decides the layout: foreground overlap "
+                   "of images from the same noise under another prompt, and of the same prompt from another noise")
     a = p.parse_args(argv)
     if a.n < 1 or a.batch < 1 or a.cfg_scale < 0:
         p.error(f"--n and --batch must be >= 1 and --cfg-scale >= 0, got {a.n}, {a.batch}, {a.cfg_scale}")
@@ -250,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     docs = held_out_docs(cfg, a.n, a.split, a.shards)
     res = run_eval(model, cfg, text_tok, image_tok, special, docs, steps, cfg_scale=a.cfg_scale, batch=a.batch,
-                   seed=a.seed, out=out, sampler=a.sampler, clip=clip)
+                   seed=a.seed, out=out, sampler=a.sampler, clip=clip, layout=a.layout)
     (out / "eval.json").write_text(json.dumps(res, indent=2))
     print(format_table(res))
     print(f"-> {out / 'eval.json'}")

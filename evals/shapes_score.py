@@ -135,12 +135,9 @@ def _fit_shape(soft: np.ndarray, area: float, cx: float, cy: float,
     return best
 
 
-def detect(image: PILImage.Image | np.ndarray) -> list[dict]:
-    """Square RGB image (PIL or (H, W, 3) uint8) -> detected objects in raster order of their first pixel.
-
-    Each object is a dict like the truth objects in shard meta: colour, shape, size, cell, centroid (x, y) and
-    box (x0, y0, x1, y1) in canvas units, extent (fitted box side / canvas), area (soft, canvas share), fit (L1).
-    """
+def _pixels(image: PILImage.Image | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pixel: fg (H, W) bool (on some palette colour's mixing line with the background, at least half way),
+    label (H, W) the nearest palette colour, alpha (H, W, 8) the mix along each colour's line."""
     x = np.asarray(image.convert("RGB") if isinstance(image, PILImage.Image) else image, np.float32)
     h, w, _ = x.shape
     if h != w:
@@ -151,6 +148,35 @@ def detect(image: PILImage.Image | np.ndarray) -> list[dict]:
     resid = np.linalg.norm(d[..., None, :] - alpha[..., None] * dirs, axis=-1)  # (H, W, 8)
     label = resid.argmin(-1)
     fg = (np.take_along_axis(alpha, label[..., None], -1)[..., 0] >= 0.5) & (resid.min(-1) <= RESID_MAX)
+    return fg, label, alpha
+
+
+def foreground(image: PILImage.Image | np.ndarray) -> np.ndarray:
+    """(H, W) bool: the pixels the scorer counts as part of some object (before the components' size filter)."""
+    return _pixels(image)[0]
+
+
+def layout_overlap(a: Sequence, b: Sequence) -> float:
+    """Mean IoU of the foregrounds of paired images a[i], b[i] (pairs where both are empty count 1). E.g. the images
+    of the same noise under two different prompts: near 1 when the noise, not the prompt, decides the layout."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"need two equal, non-empty image lists, got {len(a)} and {len(b)}")
+    out = []
+    for x, y in zip(a, b):
+        fx, fy = foreground(x), foreground(y)
+        union = (fx | fy).sum()
+        out.append(1.0 if union == 0 else float((fx & fy).sum() / union))
+    return float(np.mean(out))
+
+
+def detect(image: PILImage.Image | np.ndarray) -> list[dict]:
+    """Square RGB image (PIL or (H, W, 3) uint8) -> detected objects in raster order of their first pixel.
+
+    Each object is a dict like the truth objects in shard meta: colour, shape, size, cell, centroid (x, y) and
+    box (x0, y0, x1, y1) in canvas units, extent (fitted box side / canvas), area (soft, canvas share), fit (L1).
+    """
+    fg, label, alpha = _pixels(image)
+    h, w = fg.shape
     comp = _components(fg, label)
     objects = []
     grid = np.arange(w) + 0.5

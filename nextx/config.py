@@ -59,6 +59,9 @@ class ModelConfig:
     #   linear per token; 3 = 3x3 convolutions, so every token's input and output see its neighbours from the start
     block_conv: int = 0           # 0 = off; k = a zero-initialised depthwise k x k convolution over each image split's
     #   grid in every block (after attention), so locality does not wait for attention to learn it
+    text_cond: Literal["none", "pooled"] = "none"  # pooled: the mean input embedding of the text before each image
+    #   in its document (its caption) goes through an MLP into the time embedding, so every noise token's adaLN
+    #   modulation carries the caption from the first step, not only what attention has learned to fetch
     sincos_scale: float = 0.0     # amplitude of the fixed 2D sin-cos table added to latent embeddings (0 -> init_std)
     attention: Literal["sdpa", "flex", "xformers"] = "sdpa"  # sdpa: dense bool mask (CPU, reference)
     activation_checkpointing: bool = False
@@ -144,6 +147,8 @@ class ObjectiveConfig:
     a: float = 1.0               # weight w(s,t) exponent of alpha_t
     b: float = 4.0               # weight w(s,t) sigmoid shift
     time_sampling: Literal["uniform", "lognormal"] = "uniform"  # paper: t ~ U(eps,T), s|t ~ U(eps,t)
+    t_shift: float = 1.0         # SD3 time shift of the uniform t draw (`imm.shift_time`): > 1 trains more near noise,
+    #   where a scene's layout is decided (3: half the draws above t = 0.75); 1 = the paper's uniform t
     cfg_drop: float = 0.1        # probability of replacing a document's text condition by the null prompt
     null_prompt: Literal["hidden", "pad"] = "hidden"  # the null prompt (`objective.null_prompt`): "hidden" takes
     #   the caption out of the sequence, so its length cannot leak the count; "pad" replaces its ids by <pad> in place
@@ -157,6 +162,9 @@ class ObjectiveConfig:
         _require(self.min_gap >= 0, f"{p}.min_gap", "must be >= 0")
         _require(self.group_size >= 1, f"{p}.group_size", "must be >= 1")
         _require(0.0 <= self.cfg_drop < 1.0, f"{p}.cfg_drop", "must be in [0, 1)")
+        _require(self.t_shift > 0, f"{p}.t_shift", f"must be > 0 (1 = no shift), got {self.t_shift}")
+        _require(self.t_shift == 1.0 or self.time_sampling == "uniform", f"{p}.t_shift",
+                 "applies to time_sampling=uniform only")
         _require(self.text_weight >= 0 and self.image_weight >= 0, f"{p}.text_weight/image_weight", "must be >= 0")
 
 

@@ -44,7 +44,7 @@ from nextx import imm
 from nextx.masks import mask_mod
 from nextx.model import ModelInput, dense_attention
 from nextx.sequence import (CLEAN, NOISE, NULL_PROMPTS, PAD, TEXT, ImageTokens, SpecialIds, apply_null_prompt,
-                            layout_document)
+                            gather_context, layout_document)
 from nextx.text_sampling import add_token, banned, force_sets, sample_tokens
 
 SAMPLERS = imm.SAMPLERS
@@ -86,6 +86,7 @@ class Cache:
     null: str = "hidden"
     u_doc: torch.Tensor | None = None
     u_shift: np.ndarray | None = None
+    ids: torch.Tensor | None = None
 
     @classmethod
     def empty(cls, B: int, guided: bool, pad_id: int, device, null: str = "hidden") -> "Cache":
@@ -93,7 +94,21 @@ class Cache:
             raise ValueError(f"null_prompt must be one of {NULL_PROMPTS}, got {null!r}")
         z = torch.zeros(B, 0, dtype=torch.int32, device=device)
         return cls(None, z, z.to(torch.int8), z.clone(), np.zeros(B, np.int64), guided, pad_id, null=null,
-                   u_doc=z.clone() if guided else None, u_shift=np.zeros(B, np.int64) if guided else None)
+                   u_doc=z.clone() if guided else None, u_shift=np.zeros(B, np.int64) if guided else None,
+                   ids=torch.zeros(2 * B if guided else B, 0, dtype=torch.int64, device=device))
+
+    def text_context(self, rows: Sequence[int], guided: bool) -> torch.Tensor:
+        """The text each new image of `rows` is conditioned on (`model.text_cond: pooled`): every cached TEXT token
+        of the row's document -> (R or 2R, Lc) ids, -1 padded (`sequence.gather_context`); with guidance the
+        unconditional rows follow, without their hidden tokens."""
+        lr = torch.tensor(list(rows), device=self.doc.device)
+        text = self.kind[lr] == TEXT
+        sel = [text & (self.doc[lr] == 0)]
+        at = [lr]
+        if guided:
+            sel.append(text & (self.u_doc[lr] == 0))
+            at.append(lr + self.rows)
+        return gather_context(self.ids, torch.cat(at), torch.cat(sel))
 
     @property
     def rows(self) -> int:
@@ -234,6 +249,7 @@ def _append(model, cache: Cache, pieces: Sequence[_Piece | None], special: Speci
         ids, kq, pos = torch.cat([ids, u_ids]), torch.cat([kq, u_kind]), torch.cat([pos, u_pos])
         pos2d, lat = (torch.cat([v, v]) for v in (pos2d, lat))
         tm = torch.cat([tm, torch.zeros_like(tm)])
+    cache.ids = torch.cat([cache.ids, ids], 1)                                    # (B', L + Lq)
     img = torch.full(ids.shape, -1, dtype=torch.int32, device=dev)
     none = torch.zeros(0, device=dev)
     out = model(ModelInput(ids, kq, pos, pos2d, lat, img, none, none, mask), past=cache.past, use_cache=True,
@@ -295,6 +311,7 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
     kq = torch.full((R2, N), NOISE, dtype=torch.int8, device=dev)
     img = torch.arange(R2, dtype=torch.int32, device=dev)[:, None].expand(R2, N)
     no_text = torch.zeros(R2, N, dtype=torch.bool, device=dev)
+    ctx = cache.text_context(rows, guide) if getattr(model, "text_mlp", None) is not None else None
 
     x0 = torch.randn((R, N, C), generator=generator, dtype=torch.float64) * sigma_d
     x = x0.to(dev)
@@ -305,7 +322,7 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
         xx = torch.cat([x, x]) if guide else x
         t = torch.full((R2,), t_i, device=dev)
         s = torch.full((R2,), s_model, device=dev)
-        G = model(ModelInput(ids, kq, pos, pos2d, xx.float(), img, t, s, mask), past=past,
+        G = model(ModelInput(ids, kq, pos, pos2d, xx.float(), img, t, s, mask, ctx=ctx), past=past,
                   text_mask=no_text).latent_out.double()
         if guide:
             G = G[R:] + cfg_scale * (G[:R] - G[R:])                                # G_u + w (G_c - G_u)

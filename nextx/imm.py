@@ -134,12 +134,22 @@ def _sample_trunc_normal(lo: torch.Tensor, hi: torch.Tensor, mean: float, std: f
     return torch.minimum(torch.maximum(z, lo), hi)  # erfinv(+-1) = +-inf at the float64 edges
 
 
+def shift_time(u: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift on [0, 1] (Esser et al. 2024, eq. 23): u -> shift u / (1 + (shift - 1) u). Monotone, fixes
+    0 and 1; shift > 1 moves times toward noise (shift 3: 0.25 -> 0.5, 0.5 -> 0.75), shift 1 is the identity."""
+    if shift <= 0:
+        raise ValueError(f"time shift must be > 0, got {shift}")
+    return shift * u / (1 + (shift - 1) * u)
+
+
 def sample_t_s(n: int, *, T: float = T_MAX, eps: float = 0.0, mode: str = "uniform",
                generator: torch.Generator | None = None, device=None,
-               P_mean: float = -1.1, P_std: float = 2.0) -> tuple[torch.Tensor, torch.Tensor]:
+               P_mean: float = -1.1, P_std: float = 2.0, shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw n pairs (t, s), eps <= s <= t <= T. Returns t, s, each (n,) float64 on `device` (default: CPU).
 
-    mode "uniform" ([P] App. C.7, Table 5; the default): t ~ U(eps, T), s | t ~ U(eps, t).
+    mode "uniform" ([P] App. C.7, Table 5; the default): t ~ U(eps, T), s | t ~ U(eps, t). With `shift` != 1,
+    t = eps + (T - eps) shift_time(u, shift), u ~ U(0, 1): more draws near T, where the layout of a scene is decided
+    (README "Drawing the scene"); s | t stays U(eps, t).
     mode "lognormal" (docs/imm.md §1 [U]): log eta_t ~ N(P_mean, P_std^2) truncated to [log eta(eps), log eta(T)],
     then log eta_s from the same normal truncated to [log eta(eps), log eta_t], both by inverse CDF. eta(eps) is
     floored at ETA_TINY (eps = 0 has log eta = -inf). Unlike [U], the lower bound is a log (see docs/imm.md §1 quirk).
@@ -150,9 +160,11 @@ def sample_t_s(n: int, *, T: float = T_MAX, eps: float = 0.0, mode: str = "unifo
     gen_device = generator.device if generator is not None else (device if device is not None else "cpu")
     u = torch.rand(2, n, generator=generator, dtype=torch.float64, device=gen_device).to(device)  # (2, n)
     if mode == "uniform":
-        t = eps + (T - eps) * u[0]
+        t = eps + (T - eps) * (shift_time(u[0], shift) if shift != 1.0 else u[0])
         s = eps + (t - eps) * u[1]
     elif mode == "lognormal":
+        if shift != 1.0:
+            raise ValueError("a time shift applies to mode 'uniform' only (lognormal has its own P_mean)")
         lo = torch.log(eta_of(max(eps, ETA_TINY / (1 + ETA_TINY)))).to(u.device).expand(n)
         hi = torch.log(eta_of(T)).to(u.device).expand(n)
         log_eta_t = _sample_trunc_normal(lo, hi, P_mean, P_std, u[0])

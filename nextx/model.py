@@ -15,7 +15,10 @@ Hugging Face Llama checkpoint loads without any permutation (`nextx.pretrained.l
 
 Time (docs/imm.md §3: the network is conditioned on c_noise(t) = 1000 t and on 1000 (t - s)). Per image, in fp32 with autocast
 off: sinusoidal features (time_freq_dim, max period 1e4, computed in fp64) of each, each into its own
-Linear-SiLU-Linear MLP, summed -> e (n_img, D). Every block turns SiLU(e) into (shift, scale, gate) x {attn, mlp}
+Linear-SiLU-Linear MLP, summed -> e (n_img, D). With `text_cond: pooled` a third MLP adds the mean input embedding of
+the image's text (`sequence.image_text_context`: the TEXT tokens of its document before it, i.e. its caption and
+the layout specials), normalised to unit rms, so the caption reaches every noise token through the modulation from the first step, before
+attention has learned to fetch it (DiT's class-label path, with a bag of caption tokens as the label). Every block turns SiLU(e) into (shift, scale, gate) x {attn, mlp}
 with one zero-initialised Linear, computed per IMAGE and gathered to the NOISE tokens only:
 
     h = norm(x) * (1 + scale) + shift;   x = x + (1 + gate) * attn(h)        (same for the MLP)
@@ -82,7 +85,7 @@ from torch.utils.checkpoint import checkpoint
 from nextx.config import ModelConfig
 from nextx.masks import block_mask, dense_mask, flex_attention_compiled, require_xformers
 from nextx.positions import apply_rope, rope2d_inv_freq, rope_cos_sin, rope_inv_freq, rope_section, sincos_2d
-from nextx.sequence import CLEAN, NOISE, TEXT
+from nextx.sequence import CLEAN, NOISE, TEXT, gather_context, image_text_context
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -91,7 +94,9 @@ KV = tuple[torch.Tensor, torch.Tensor]
 class ModelInput:
     """One forward's inputs. ids, kind, pos, img (B, L) int; pos2d (B, L, 2) int; latents (B, L, C) float (x on CLEAN,
     x_t on NOISE; ignored elsewhere); t, s (n_img,) float, the times of each image (indexed by img); mask
-    (B, 1, L, L_past + L) bool for sdpa/xformers, a BlockMask for flex."""
+    (B, 1, L, L_past + L) bool for sdpa/xformers, a BlockMask for flex. With `text_cond: pooled` the model
+    needs each image's text: ctx (n_img, Lc) int64 token ids, -1 padded (the sampler's, whose text is in the cache),
+    or doc (B, L) int, from which it finds the text in this call (`sequence.image_text_context`)."""
 
     ids: torch.Tensor
     kind: torch.Tensor
@@ -102,11 +107,13 @@ class ModelInput:
     t: torch.Tensor
     s: torch.Tensor
     mask: object
+    doc: torch.Tensor | None = None
+    ctx: torch.Tensor | None = None
 
     @classmethod
     def of(cls, batch, latents: torch.Tensor, t: torch.Tensor, s: torch.Tensor, mask) -> "ModelInput":
         """From a packed `sequence.Batch` (its layout fields) with the given latents, times and mask."""
-        return cls(batch.ids, batch.kind, batch.pos, batch.pos2d, latents, batch.img, t, s, mask)
+        return cls(batch.ids, batch.kind, batch.pos, batch.pos2d, latents, batch.img, t, s, mask, doc=batch.doc)
 
 
 @dataclass
@@ -352,6 +359,7 @@ class NextX(nn.Module):
         self.latent_in = nn.Linear(latent_dim, d) if k == 1 else nn.Conv2d(latent_dim, d, k, padding=k // 2)
         self.time_mlp = _mlp(cfg.time_freq_dim, d)          # features of c_noise(t) = 1000 t
         self.gap_mlp = _mlp(cfg.time_freq_dim, d)           # features of 1000 (t - s)
+        self.text_mlp = _mlp(d, d) if cfg.text_cond == "pooled" else None  # the caption's mean embedding
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(d, cfg.norm_eps)
         self.final_ada = nn.Linear(d, 2 * d)                # SiLU(e) -> (shift, scale) before the latent head
@@ -403,14 +411,37 @@ class NextX(nn.Module):
         tok = self.embed_tokens(ids)                                                  # (B, L, D)
         return torch.where(is_img, z.to(tok.dtype), tok)      # residual stream stays in the weights' dtype (fp32)
 
-    def _time(self, t, s):
-        """t, s (n_img,) -> SiLU(e) (n_img, D) fp32, e = MLP_t(feat(1000 t)) + MLP_gap(feat(1000 (t - s)))."""
+    def _time(self, t, s, ctx=None):
+        """t, s (n_img,) -> SiLU(e) (n_img, D) fp32, e = MLP_t(feat(1000 t)) + MLP_gap(feat(1000 (t - s))), plus
+        MLP_text(rms-normalised mean embedding of ctx's ids) with `text_cond: pooled` (ctx (n_img, Lc), -1 = none; no id:
+        a zero input). The embeddings start at init_std (~0.02): normalised, the caption enters at the scale of the
+        time features, not 50x below them."""
         with torch.autocast(t.device.type, enabled=False):
             t64, s64 = t.double(), s.double()
             dt = self.time_mlp[0].weight.dtype
             e = (self.time_mlp(time_features(1000 * t64, self.cfg.time_freq_dim).to(dt))
                  + self.gap_mlp(time_features(1000 * (t64 - s64), self.cfg.time_freq_dim).to(dt)))
+            if self.text_mlp is not None:
+                real = (ctx >= 0).unsqueeze(-1)                                          # (n_img, Lc, 1)
+                emb = self.embed_tokens(ctx.clamp(min=0)) * real                         # (n_img, Lc, D)
+                pooled = emb.sum(1) / real.sum(1).clamp(min=1)                           # (n_img, D)
+                pooled = pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + 1e-12)  # unit rms, like
+                e = e + self.text_mlp(pooled.to(dt))                                     # the time features
             return F.silu(e.float())
+
+    def _text_context(self, inp: ModelInput) -> torch.Tensor | None:
+        """Each image's text ids (n_img, Lc) for `text_cond: pooled` (None when off): inp.ctx, else found in this
+        call's tokens from inp.doc."""
+        if self.text_mlp is None:
+            return None
+        if inp.ctx is not None:
+            if inp.ctx.shape[0] != inp.t.shape[0]:
+                raise ValueError(f"ctx has {inp.ctx.shape[0]} rows, there are {inp.t.shape[0]} images")
+            return inp.ctx
+        if inp.doc is None:
+            raise ValueError("model.text_cond=pooled needs each image's text: pass ModelInput.ctx or ModelInput.doc")
+        row, sel = image_text_context(inp.kind, inp.doc, inp.pos, inp.img, inp.t.shape[0])
+        return gather_context(inp.ids, row, sel)
 
     def _rope(self, pos, pos2d, kind):
         offsets = None
@@ -445,7 +476,7 @@ class NextX(nn.Module):
         cond = None
         if self.uniform_graph or nz.numel():  # (uniform: the time path and adaLN run, on nothing, without noise)
             ni = img.reshape(-1)[nz].long()                                           # (n_noise,) image of each
-            cond = (self._time(t, s), nz, ni)
+            cond = (self._time(t, s, self._text_context(inp)), nz, ni)
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         new_past = []
         for i, blk in enumerate(self.layers):

@@ -83,12 +83,14 @@ def _image_times(batch: Batch, cfg: ObjectiveConfig, generator: torch.Generator 
     if not groups:
         return t, s, r, groups
     if cfg.kind == "flow":
-        tg, _ = imm.sample_t_s(len(gen), T=cfg.T, eps=cfg.eps, mode=cfg.time_sampling, generator=generator)
+        tg, _ = imm.sample_t_s(len(gen), T=cfg.T, eps=cfg.eps, mode=cfg.time_sampling, generator=generator,
+                                   shift=cfg.t_shift)
         t[gen] = tg
         s[gen] = tg
         r[gen] = tg
         return t, s, r, groups
-    tg, sg = imm.sample_t_s(len(groups), T=cfg.T, eps=cfg.eps, mode=cfg.time_sampling, generator=generator)
+    tg, sg = imm.sample_t_s(len(groups), T=cfg.T, eps=cfg.eps, mode=cfg.time_sampling, generator=generator,
+                                shift=cfg.t_shift)
     rg = imm.r_of(sg, tg, k=k, min_gap=cfg.min_gap, T=cfg.T, eps=cfg.eps)
     for g, idx in enumerate(groups):
         t[idx], s[idx], r[idx] = tg[g], sg[g], rg[g]

@@ -310,6 +310,43 @@ class Batch:
                 "pad": int((k == PAD).sum()), "total": int(k.numel())}
 
 
+def image_text_context(kind: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor, img: torch.Tensor,
+                       n_img: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which text each image is conditioned on (`model.text_cond: pooled`): the TEXT tokens of its own document that
+    come before it (its caption, `<bos>`, `<boi>`; after CFG dropout with the hidden null prompt, only the layout
+    specials, since hidden tokens are PAD).
+
+    kind, doc, pos, img (B, L) -> (row (n_img,) int64, sel (n_img, L) bool): image j lies in row `row[j]` and is
+    conditioned on the tokens l with sel[j, l]. An image's slot is the smallest position of its tokens; an index
+    with no token (not in this batch) gets an empty selection. E.g. one row `<bos> a b <boi> [n n] <eoi> | <bos>
+    [n] ...` with docs 0 0 0 0 0 0 0 1 1: image 0 selects <bos> a b <boi>; image 1 (doc 1) selects doc 1's <bos>."""
+    B, L = kind.shape
+    dev = kind.device
+    flat = img.reshape(-1).long()
+    at = (flat >= 0).nonzero().squeeze(1)                                            # (n_img_tok,) flat indices
+    j = flat[at]
+    big = torch.iinfo(torch.int64).max
+    slot = torch.full((n_img,), big, dtype=torch.int64, device=dev).scatter_reduce(
+        0, j, pos.reshape(-1)[at].long(), "amin")                                   # (n_img,) the image's slot
+    row = torch.zeros(n_img, dtype=torch.int64, device=dev).scatter(0, j, at // L)  # (n_img,)
+    d = torch.full((n_img,), -2, dtype=torch.int64, device=dev).scatter(0, j, doc.reshape(-1)[at].long())
+    sel = ((kind[row] == TEXT) & (doc[row].long() == d[:, None]) & (pos[row].long() < slot[:, None]))
+    return row, sel
+
+
+def gather_context(ids: torch.Tensor, row: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """ids (B, L), row (n,), sel (n, L) bool -> (n, Lc) the selected ids of each in order, -1 after them;
+    Lc = the most any selects (at least 1). E.g. ids [[5, 6, 7]], row [0, 0], sel [[1, 0, 1], [0, 0, 0]]
+    -> [[5, 7], [-1, -1]]."""
+    n, L = sel.shape
+    count = sel.sum(1)                                                               # (n,)
+    Lc = max(1, int(count.max())) if n else 1
+    order = torch.sort(sel.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :Lc]  # selected first
+    got = ids[row][torch.arange(n, device=ids.device)[:, None], order]               # (n, Lc)
+    keep = torch.arange(Lc, device=ids.device)[None] < count[:, None]
+    return torch.where(keep, got.long(), torch.full_like(got.long(), -1))
+
+
 NULL_PROMPTS = ("hidden", "pad")
 
 

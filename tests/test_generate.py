@@ -98,10 +98,13 @@ def test_t2i_cached_equals_reference(model, sampler, cfg_scale, null, prompts):
 
 
 @pytest.mark.parametrize("sampler", ["pushforward", "euler"])
-def test_hidden_null_prompt_is_the_empty_caption(model, sampler):
+@pytest.mark.parametrize("pooled", [False, True], ids=["attention", "pooled"])
+def test_hidden_null_prompt_is_the_empty_caption(model, sampler, pooled):
     """cfg_scale 0 samples the unconditional rows alone. With the hidden null prompt every caption, whatever its
     length, gives the images of the empty caption `<bos> <boi>` (cached and reference alike); with "pad" the
     caption's length shows through."""
+    if pooled:                                  # the caption also reaches every noise token through adaLN
+        model = tiny_model(3, text_cond="pooled")
     prompts = [[5], [6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16]]
     kw = dict(grid=GRID, latent_dim=C, steps=2, sampler=sampler)
     empty = generate.t2i(model, [[]] * 3, SP, generator=gen(4), **kw)
@@ -116,7 +119,8 @@ def test_hidden_null_prompt_is_the_empty_caption(model, sampler):
 
 @pytest.mark.parametrize("kw", [dict(pos2d="sincos"), dict(pos2d="none"), dict(latent_conv=3),
                                 dict(pos2d="rope+sincos", latent_conv=3, sincos_scale=1.0),
-                                dict(latent_conv=3, block_conv=3)])
+                                dict(latent_conv=3, block_conv=3),
+                                dict(text_cond="pooled", pos2d="rope+sincos", latent_conv=3, sincos_scale=1.0)])
 def test_t2i_cached_equals_reference_other_2d_positions(kw):
     m = tiny_model(1, **kw)
     kw = dict(grid=GRID, latent_dim=C, steps=2, cfg_scale=1.5)
@@ -171,10 +175,11 @@ def _ref_image(model, prefix, x0, *, steps, cfg_scale, T=0.994, sigma_d=0.5):
     """Pushforward by full recomputation after an arbitrary prefix (text and context images), from noise x0."""
     d = layout_document(prefix + [ImageTokens(np.zeros((N, C), np.float32), GRID, generate=True)], SP)
     b = collate([pack_row([d], len(d), SP.pad)])
-    ids, kind, pos, mask, rows = b.ids, b.kind, b.pos, dense_mask(b.doc, b.kind, b.split), 1
+    ids, kind, doc, pos, mask, rows = b.ids, b.kind, b.doc, b.pos, dense_mask(b.doc, b.kind, b.split), 1
     if cfg_scale != 1:
         u_ids, u_kind, u_doc, u_pos, _ = apply_null_prompt(b.ids, b.kind, b.doc, b.pos, b.doc >= 0, SP)
         ids, kind, pos, rows = torch.cat([ids, u_ids]), torch.cat([kind, u_kind]), torch.cat([pos, u_pos]), 2
+        doc = torch.cat([doc, u_doc])
         mask = torch.cat([mask, dense_mask(u_doc, u_kind, b.split)])
     rep = lambda v: torch.cat([v] * rows)                                                  # noqa: E731
     noise = (b.kind == NOISE)[0]
@@ -185,8 +190,9 @@ def _ref_image(model, prefix, x0, *, steps, cfg_scale, T=0.994, sigma_d=0.5):
         lat[:, noise] = x.float()
         t = torch.full((rows * b.n_images,), float(ts[i]))
         s = torch.full((rows * b.n_images,), float(ts[i + 1]))
-        img = torch.cat([b.img] + ([b.img + b.n_images] if rows == 2 else []))
-        G = model(ModelInput(ids, kind, pos, rep(b.pos2d), lat, img, t, s, mask)).latent_out[:, noise].double()
+        img = torch.cat([b.img] + ([torch.where(b.img >= 0, b.img + b.n_images, -1)] if rows == 2 else []))
+        G = model(ModelInput(ids, kind, pos, rep(b.pos2d), lat, img, t, s, mask, doc=doc)).latent_out[:, noise]
+        G = G.double()
         if rows == 2:
             G = G[1] + cfg_scale * (G[0] - G[1])
         else:
@@ -195,12 +201,14 @@ def _ref_image(model, prefix, x0, *, steps, cfg_scale, T=0.994, sigma_d=0.5):
     return x.float()
 
 
-@pytest.mark.parametrize("cfg_scale,conv", [(1.0, 1), (1.5, 1), (1.5, 3), (1.5, "block")])
+@pytest.mark.parametrize("cfg_scale,conv", [(1.0, 1), (1.5, 1), (1.5, 3), (1.5, "block"), (1.5, "pooled")])
 def test_interleaved_cached_equals_recomputation(model, cfg_scale, conv):
     """Mixed-length prompts (one holding a context image), rows drawing images at different steps (so a row's <boi>
     is followed by pads while another row commits its image): every text logit and every image equals a full
     recomputation of the final document. conv=3: the latent convolutions see whole splits in every call."""
-    if conv != 1:
+    if conv == "pooled":                        # the second image is conditioned on all text before it
+        model = tiny_model(2, text_cond="pooled")
+    elif conv != 1:
         model = tiny_model(2, latent_conv=3, block_conv=3 if conv == "block" else 0)
     ctx = ImageTokens(np.random.default_rng(0).normal(0, .5, (N, C)).astype(np.float32), GRID, generate=False)
     prompts = [[[5, 6]], [[7, 8, 9, 10, 11, 12, 13]], [ctx, [14]]]

@@ -341,3 +341,22 @@ def test_sampling_times_rejects_bad_arguments():
         imm.sampling_times(0)
     with pytest.raises(ValueError):
         imm.sampling_times(2, schedule="karras")
+
+
+def test_time_shift_moves_t_toward_noise():
+    """shift_time by hand, and sample_t_s with a shift: t = eps + (T - eps) shift(u), s | t still U(eps, t)."""
+    u = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=torch.float64)
+    assert torch.allclose(imm.shift_time(u, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0], dtype=torch.float64))
+    assert torch.equal(imm.shift_time(u, 1.0), u)
+    g0, g1 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    t0, s0 = imm.sample_t_s(20000, eps=0.01, generator=g0)
+    t3, s3 = imm.sample_t_s(20000, eps=0.01, generator=g1, shift=3.0)
+    T = imm.T_MAX
+    assert torch.allclose(t3, 0.01 + (T - 0.01) * imm.shift_time((t0 - 0.01) / (T - 0.01), 3.0))  # same draws
+    assert (s3 <= t3).all() and (s3 >= 0.01).all()
+    assert torch.allclose((s3 - 0.01) / (t3 - 0.01), (s0 - 0.01) / (t0 - 0.01))      # s | t: the same share
+    assert abs(float(t3.median()) - (0.01 + (T - 0.01) * 0.75)) < 0.01
+    with pytest.raises(ValueError, match="lognormal"):
+        imm.sample_t_s(4, mode="lognormal", shift=3.0)
+    with pytest.raises(ValueError, match="> 0"):
+        imm.shift_time(u, 0.0)

@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nextx.config import ModelConfig
 from nextx.masks import block_mask, dense_mask, xformers_available
-from nextx.model import ModelInput, ModelOutput, NextX, image_splits
+from nextx.model import ModelInput, ModelOutput, NextX, image_splits, time_features
 from nextx.positions import rope2d_inv_freq, rope_inv_freq, rope_section
 from nextx.pretrained import load_hf_llama
 from nextx.sequence import CLEAN, IGNORE, NOISE, PAD, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
@@ -196,6 +197,37 @@ def test_modulation_is_per_image(model):
     img0 = noise & (b.img == 0)
     assert float((out.latent_out[img0] - base.latent_out[img0]).abs().max()) > 1e-4
     assert torch.equal(out.latent_out[noise & ~img0], base.latent_out[noise & ~img0])
+
+
+def test_text_cond_pooled_adds_the_mean_caption_embedding():
+    """text_cond=pooled: each image's time embedding gains MLP_text(unit-rms mean input embedding of the TEXT tokens
+    of its document before it); from doc (training) or an explicit ctx (the sampler) alike; text logits unchanged."""
+    torch.manual_seed(0)
+    m = perturb_zero_init(NextX(tiny_cfg(text_cond="pooled"), vocab_size=V, latent_dim=C)).eval()
+    b, mask = packed_batch()
+    n = b.n_images
+    t, s = torch.linspace(0.2, 0.9, n), torch.linspace(0.2, 0.9, n) * 0.5
+    # by hand: image 0 follows <bos> 5 6 7 <boi>; image 1 (image->caption) <bos> <boi>; image 2 <bos> 15 <boi>
+    texts = [[SP.bos, 5, 6, 7, SP.boi], [SP.bos, SP.boi], [SP.bos, 15, SP.boi]]
+    with torch.no_grad():
+        e = m.time_mlp(time_features(1000 * t.double(), 16)) + m.gap_mlp(time_features(1000 * (t - s).double(), 16))
+        pooled = torch.stack([m.embed_tokens(torch.tensor(x)).mean(0) for x in texts])
+        pooled = pooled / pooled.pow(2).mean(-1, keepdim=True).sqrt()
+        want = F.silu(e + m.text_mlp(pooled))
+        ctx = torch.tensor([x + [-1] * (5 - len(x)) for x in texts])
+        assert torch.allclose(m._time(t, s, ctx), want, atol=1e-6)
+        a = m(ModelInput.of(b, b.latents, t, s, mask))
+        c = m(ModelInput(b.ids, b.kind, b.pos, b.pos2d, b.latents, b.img, t, s, mask, ctx=ctx))
+    assert torch.allclose(a.latent_out, c.latent_out, atol=1e-6)
+    with torch.no_grad():
+        other = m(ModelInput(b.ids, b.kind, b.pos, b.pos2d, b.latents, b.img, t, s, mask, ctx=ctx.flip(0)))
+    noise = b.kind == NOISE
+    assert float((other.latent_out[noise] - a.latent_out[noise]).abs().max()) > 1e-4
+    assert torch.allclose(other.text_logits[~noise], a.text_logits[~noise], atol=1e-6)  # only noise is modulated
+    with pytest.raises(ValueError, match="text_cond=pooled needs"):
+        m(ModelInput(b.ids, b.kind, b.pos, b.pos2d, b.latents, b.img, t, s, mask))
+    with pytest.raises(ValueError, match="ctx has 2 rows"):
+        m(ModelInput(b.ids, b.kind, b.pos, b.pos2d, b.latents, b.img, t, s, mask, ctx=ctx[:2]))
 
 
 # ---- KV cache
@@ -477,7 +509,7 @@ def test_xformers_backend_fails_clearly():
         NextX(tiny_cfg(attention="xformers"), vocab_size=V, latent_dim=C)
 
 
-@pytest.mark.parametrize("kw", [{}, {"latent_conv": 3, "block_conv": 3}])
+@pytest.mark.parametrize("kw", [{}, {"latent_conv": 3, "block_conv": 3}, {"text_cond": "pooled"}])
 def test_uniform_graph_reaches_every_parameter_without_images(kw):
     """With several ranks every module must run on every micro-batch (engine._DSNet): with uniform_graph a text-only
     batch gives every parameter a gradient (zeros for the image path), and the outputs do not change."""

@@ -63,6 +63,26 @@ def test_reference_end_to_end(tmp_path, capsys):
     assert set(r["t2i"]) == {"1", "2"} and all(np.isfinite(v) for v in r["t2i"]["2"]["accuracy"].values())
     assert (out / "reference_grid.png").exists() and (out / "reference.pt").exists()
     assert "images/s" in capsys.readouterr().out
+    # the diagnostic variants: caption pooled into adaLN, the true attributes as the condition, shifted times
+    for extra in (["--cond", "pooled"], ["--cond", "both", "--condition", "attributes", "--t-shift", "3"]):
+        assert main(["--shards", str(shards), "--text-tokenizer", str(tmp_path / "text"), "--image-tokenizer",
+                     str(tmp_path / "pix"), "--out", str(out / extra[1]), "--minutes", "0.01", "--batch", "4",
+                     "--width", "32", "--depth", "1", "--threads", "1", "--steps", "1", "--n", "3", *extra]) == 0
+        assert json.loads((out / extra[1] / "reference.json").read_text())["t2i"]["1"]["n"] == 3
+
+
+def test_reference_attribute_ids_and_time_shift():
+    import torch
+
+    from evals.reference import _attribute_ids
+    from nextx.imm import shift_time
+
+    t = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    assert torch.allclose(shift_time(t, 3.0), torch.tensor([0.0, 0.5, 0.75, 1.0]))  # 3t / (1 + 2t), by hand
+    assert torch.equal(shift_time(t, 1.0), t)
+    doc = next(make_documents(1, seed=3, size=32, object_weights=(0, 1, 0)))
+    ids = _attribute_ids(doc)
+    assert len(ids) == 8 and len(set(ids[:4])) == 4 and min(ids) >= 4           # 4 per object, disjoint ranges
 
 
 def test_attention_locality_by_hand():

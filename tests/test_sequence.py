@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from nextx.sequence import (CLEAN, IGNORE, NOISE, PAD, TEXT, ImageTokens, Packer, SpecialIds, collate,
-                            layout_document, pack_row, text_targets)
+from nextx.sequence import (CLEAN, IGNORE, NOISE, PAD, TEXT, ImageTokens, Packer, SpecialIds, apply_null_prompt,
+                            collate, gather_context, image_text_context, layout_document, pack_row, text_targets)
 
 SP = SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
 T0, T1, T2 = 10, 11, 12
@@ -111,6 +111,30 @@ def test_collate_places_latents_in_both_splits():
     assert batch.image_generate.tolist() == [True, False]
     assert batch.latents[batch.kind == TEXT].abs().sum() == 0
     assert batch.n_tokens()["noise"] == 4 and batch.n_tokens()["clean"] == 8
+
+
+def test_image_text_context_by_hand():
+    """Each image's text: the TEXT tokens of its own document before it. Row 0 packs an interleaved document (image 0
+    after t0, image 1 after t0 <eoi> t1) and an image->caption document (image 2 first: only <bos> <boi>); row 1 a
+    caption->image document whose caption is hidden by CFG dropout (only the layout specials remain)."""
+    a = layout_document([[T0], img(), [T1], img(seed=1)], SP, drop_trailing_clean=False)
+    b = layout_document([img(generate=False, seed=2), [T2]], SP)
+    c = layout_document([[T1, T2], img(seed=3)], SP)
+    batch = collate([pack_row([a, b], 48, SP.pad), pack_row([c], 48, SP.pad)])
+    drop = torch.zeros(batch.ids.shape, dtype=torch.bool)
+    drop[1] = True
+    ids, kind, doc, pos, _ = apply_null_prompt(batch.ids, batch.kind, batch.doc, batch.pos, drop, SP)
+    row, sel = image_text_context(kind, doc, pos, batch.img, batch.n_images)
+    assert row.tolist() == [0, 0, 0, 1]
+    got = gather_context(ids, row, sel)
+    bos, boi, eoi = SP.bos, SP.boi, SP.eoi
+    want = [[bos, T0, boi], [bos, T0, boi, eoi, T1, boi], [bos, boi], [bos, boi]]
+    assert [[i for i in r if i >= 0] for r in got.tolist()] == want
+    assert got.shape == (4, 6) and (got[0, 3:] == -1).all()
+    # an image index with no token in the call selects nothing
+    row, sel = image_text_context(kind, doc, pos, batch.img, batch.n_images + 1)
+    assert not sel[-1].any() and gather_context(ids, row, sel)[-1].tolist() == [-1] * 6
+    assert gather_context(ids, row[:0], sel[:0]).shape == (0, 1)
 
 
 def test_noise_copies_write_m_noise_splits_sharing_positions():

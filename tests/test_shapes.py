@@ -11,7 +11,8 @@ from data_tools.shapes import (GEOMETRY, HELDOUT_PAIRS, HELDOUT_RELATIONS, NP, P
                                format_caption, make_documents, parse_caption, render, sample_caption, sample_scene,
                                scene_facts)
 from data_tools.shapes import main as shapes_main
-from evals.shapes_score import detect, failures, match, score_caption, score_image, score_objects, selfcheck
+from evals.shapes_score import (detect, failures, foreground, layout_overlap, match, score_caption, score_image,
+                                score_objects, selfcheck)
 from nextx.documents import decode_document, iter_raw_samples, shard_paths
 
 
@@ -131,6 +132,21 @@ def test_hand_made_scene_is_detected_exactly(size):
         assert all(r[t] in (True, None) for t in ("count", "colour", "shape", "size", "position") if t != fact)
     r = score_image(img, "a red circle and a blue square")  # the blue square is missing: its facts fail too
     assert (r["count"], r["colour"], r["shape"], r["n_correct"]["colour"]) == (False, False, False, 1)
+
+
+def test_layout_overlap_by_hand():
+    """Foreground IoU of paired images: the same render 1, a disjoint one 0, two empty canvases 1."""
+    img = render(_red_circle_scene(), 32)
+    fg = foreground(img)
+    assert 0.05 < fg.mean() < 0.15                                         # a large circle: ~7 % of the canvas
+    empty = np.full((32, 32, 3), 128, np.uint8)
+    moved = np.asarray(img).copy()
+    moved[:] = moved[16:, 16:].reshape(-1, 3)[0]                           # background colour everywhere
+    moved[16:, 16:] = np.asarray(img)[:16, :16]                            # the circle's quadrant, moved
+    assert layout_overlap([img], [img]) == 1.0 and layout_overlap([img], [moved]) == 0.0
+    assert layout_overlap([empty, img], [empty, img]) == 1.0
+    with pytest.raises(ValueError, match="equal"):
+        layout_overlap([img], [])
 
 
 @pytest.mark.parametrize("size", [32, 64])
