@@ -380,8 +380,9 @@ def _relations_true(a: Mapping, b: Mapping, margin: float) -> list[str]:
 
 
 def sample_caption(rng: np.random.Generator, scene: Scene, *, banned_relations: Sequence[tuple[str, str]] = (),
-                   forced_relation: str | None = None) -> tuple[Caption, tuple[int, ...]]:
-    """A caption naming every object of the scene -> (caption, index of the object each NP refers to).
+                   forced_relation: str | None = None, p_pos: float = P_POS) -> tuple[Caption, tuple[int, ...]]:
+    """A caption naming every object of the scene -> (caption, index of the object each NP refers to). Each NP of
+    a caption without a relation states its object's cell with probability p_pos.
 
     2-object scenes get a relation with probability P_RELATION when one holds with REL_MARGIN + REL_SLACK and
     (subject shape, relation) is not banned; `forced_relation` makes object 0 the subject of that relation.
@@ -403,7 +404,7 @@ def sample_caption(rng: np.random.Generator, scene: Scene, *, banned_relations: 
                         for k in (a, b))
             return Caption(nps, rel), (a, b)
     nps = tuple(NP(objs[k]["colour"], objs[k]["shape"], objs[k]["size"] if rng.random() < P_SIZE else None,
-                   objs[k]["cell"] if rng.random() < P_POS else None) for k in order)
+                   objs[k]["cell"] if rng.random() < p_pos else None) for k in order)
     return Caption(nps), tuple(order)
 
 
@@ -448,11 +449,12 @@ def scene_facts(objects: Sequence[Mapping]) -> set[tuple]:
 
 
 def make_document(index: int, seed: int, size: int, split: str = "train",
-                  object_weights: Sequence[float] | None = None) -> Document:
+                  object_weights: Sequence[float] | None = None, position_rate: float | None = None) -> Document:
     """Scene `index` of (seed, split), drawn from its own generator, so any subset renders the same.
 
     object_weights: relative weights of 1-, 2- and 3-object scenes in the train split (None: uniform, drawn as
-    before). The held-out split ignores it, so a model trained on any mix is scored on the same prompts."""
+    before). position_rate: the probability that a train caption states an object's cell (None: P_POS). The
+    held-out split ignores both, so a model trained on any mix is scored on the same prompts."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
     kind, forced_rel = None, None
     if split == "heldout" and index % 2 == 0:
@@ -472,8 +474,9 @@ def make_document(index: int, seed: int, size: int, split: str = "train",
             w = np.asarray(object_weights, dtype=np.float64)
             n_obj = int(rng.choice(3, p=w / w.sum())) + 1
         scene = sample_scene(rng, n_objects=n_obj, banned=HELDOUT_PAIRS)
+    p_pos = position_rate if split == "train" and position_rate is not None else P_POS
     caption, refs = sample_caption(rng, scene, banned_relations=HELDOUT_RELATIONS if split == "train" else (),
-                                   forced_relation=forced_rel)
+                                   forced_relation=forced_rel, p_pos=p_pos)
     meta = {"objects": [o.as_meta() for o in scene.objects], "refs": list(refs),
             "background": asdict(scene.background), "split": split, "heldout": kind, "image_size": size}
     return Document(f"shapes{size}_{split}_s{seed}_{index:07d}", [Text(format_caption(caption)),
@@ -481,7 +484,8 @@ def make_document(index: int, seed: int, size: int, split: str = "train",
 
 
 def make_documents(n: int, seed: int = 0, size: int = 32, split: str = "train",
-                   object_weights: Sequence[float] | None = None) -> Iterator[Document]:
+                   object_weights: Sequence[float] | None = None,
+                   position_rate: float | None = None) -> Iterator[Document]:
     """n documents [Text(caption), Image(pixels)]; meta carries the ground truth (objects, refs, background)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
@@ -491,8 +495,10 @@ def make_documents(n: int, seed: int = 0, size: int = 32, split: str = "train",
                                        or sum(object_weights) <= 0):
         raise ValueError(f"object_weights must be 3 non-negative weights (1, 2, 3 objects) with a positive sum, "
                          f"got {list(object_weights)}")
+    if position_rate is not None and not 0.0 <= position_rate <= 1.0:
+        raise ValueError(f"position_rate must be in [0, 1], got {position_rate}")
     for i in range(n):
-        yield make_document(i, seed, size, split, object_weights)
+        yield make_document(i, seed, size, split, object_weights, position_rate)
 
 
 def parse_weights(text: str) -> tuple[float, float, float]:
@@ -506,10 +512,12 @@ def parse_weights(text: str) -> tuple[float, float, float]:
     return w
 
 
-def generator_info(size: int, seed: int, object_weights: Sequence[float] | None = None) -> dict:
+def generator_info(size: int, seed: int, object_weights: Sequence[float] | None = None,
+                   position_rate: float | None = None) -> dict:
     """Settings stored in info.json beside the shards."""
     return {"generator": "data_tools.shapes", "image_size": size, "seed": seed,
-            "object_weights": list(object_weights) if object_weights is not None else None, "shapes": list(SHAPES),
+            "object_weights": list(object_weights) if object_weights is not None else None,
+            "position_rate": P_POS if position_rate is None else position_rate, "shapes": list(SHAPES),
             "palette": {k: list(v) for k, v in PALETTE.items()}, "sizes": SIZES, "cells": list(CELLS),
             "relations": list(RELATIONS), "heldout_pairs": [list(p) for p in HELDOUT_PAIRS],
             "heldout_relations": [list(p) for p in HELDOUT_RELATIONS], "rel_margin": REL_MARGIN,
@@ -538,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--object-weights", default=None, metavar="W1,W2,W3",
                    help="relative weights of 1-, 2- and 3-object train scenes (default: uniform); the held-out "
                         "split is the same whatever the weights")
+    p.add_argument("--position-rate", type=float, default=None, metavar="P",
+                   help=f"probability that a train caption states an object's cell (default {P_POS}); the "
+                        "held-out split keeps the default, so its prompts do not change")
     a = p.parse_args(argv)
     from nextx.errors import refuse_existing
 
@@ -547,10 +558,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     heldout_n = a.n // 10 if a.heldout_n is None else a.heldout_n
-    info = generator_info(a.size, a.seed, weights)
+    if a.position_rate is not None and not 0.0 <= a.position_rate <= 1.0:
+        p.error(f"--position-rate must be in [0, 1], got {a.position_rate}")
+    info = generator_info(a.size, a.seed, weights, a.position_rate)
     for split, n in (("train", a.n), ("heldout", heldout_n)):
         counts: Counter = Counter()
-        summary = write_shards(_tally(make_documents(n, a.seed, a.size, split, weights), counts), a.out, split=split,
+        docs = make_documents(n, a.seed, a.size, split, weights, a.position_rate)
+        summary = write_shards(_tally(docs, counts), a.out, split=split,
                                max_per_shard=a.max_per_shard, total=n, info=info)
         print(f"{split}: {summary['n_docs']} docs in {summary['n_shards']} shard(s); "
               + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))

@@ -1,7 +1,8 @@
 """`nextx demo`: the main job end to end on the built-in procedural shapes data, on a CPU, from nothing.
 
 Stages (outputs under --data, default data/, and --run-dir, default runs/):
-  1. shapes shards      nextx data shapes --out data/shapes32 --n 4000 --object-weights 2,1,1
+  1. shapes shards      nextx data shapes --out data/shapes32 --n 8000 --object-weights 1,0,0 --position-rate 1
+                        (single-object training scenes whose captions all say where; held-out prompts unchanged)
   2. text tokenizer     nextx tokenizer text --shards data/shapes32 --out data/tok/text
   3. image tokenizer    nextx tokenizer pixel --shards data/shapes32 --out data/tok/pixel32 (4x4 patches, 8x8 grid)
   4. pipeline check     the recipe's DataLoader: packed batches, packing efficiency, rows/s, bad samples
@@ -11,7 +12,8 @@ Stages (outputs under --data, default data/, and --run-dir, default runs/):
                         number of objects), the labelled grid, captions beside the truth
 
 Re-runs reuse what exists: a data stage whose output directory is there is skipped (it is written under a
-`.partial` name and renamed only when complete, so an interrupted stage leaves nothing that looks finished),
+`.partial` name and renamed only when complete, so an interrupted stage leaves nothing that looks finished;
+shards generated with other settings, e.g. by an older demo, are rebuilt with the tokenizers after them),
 and training resumes from the run's last checkpoint (the recipe saves every train.save_every steps; a finished
 run returns at once). --force rebuilds everything.
 """
@@ -56,11 +58,34 @@ def _built(title: str, out: Path, force: bool, target: str, argv: list[str]) -> 
     tmp.rename(out)
 
 
+POSITION_RATE = 1.0  # every training caption states where its objects are (README "Drawing the scene")
+
+
+def _stale_shards(shards: Path, n: int, weights: str, position_rate: float) -> str:
+    """'' when `shards` is absent or was generated with these settings, else what differs (e.g. an older demo's
+    data: the stage is then rebuilt rather than silently reused)."""
+    import json
+
+    info = shards / "info.json"
+    if not info.exists():
+        return ""
+    from data_tools.shapes import P_POS, parse_weights
+
+    got = json.loads(info.read_text())
+    want = {"train docs": n, "object_weights": list(parse_weights(weights)), "position_rate": position_rate}
+    have = {"train docs": got.get("splits", {}).get("train", {}).get("n_docs"),
+            "object_weights": got.get("object_weights"), "position_rate": got.get("position_rate", P_POS)}
+    return ", ".join(f"{k} {have[k]} instead of {v}" for k, v in want.items() if have[k] != v)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nextx demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data", help="where shards and tokenizers go (default: data/)")
-    p.add_argument("--n", type=int, default=4000, help="shapes training scenes to generate (default 4000)")
-    p.add_argument("--object-weights", default="2,1,1", help="weights of 1/2/3-object training scenes")
+    p.add_argument("--n", type=int, default=8000, help="shapes training scenes to generate (default 8000)")
+    p.add_argument("--object-weights", default="1,0,0", help="weights of 1/2/3-object training scenes (default "
+                   "1,0,0: single-object scenes, which this budget can learn to place; README)")
+    p.add_argument("--position-rate", type=float, default=POSITION_RATE, help="probability that a training caption "
+                   f"states an object's cell (default {POSITION_RATE}; the held-out prompts keep the language's 0.5)")
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="the training recipe")
     p.add_argument("--minutes", type=float, default=9.0, help="cap on the training wall time (default 9); the "
                    "recipe's train.steps is the other bound")
@@ -74,12 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     d = Path(a.data)
     t0 = time.perf_counter()
     shards, text, pixel = d / "shapes32", d / "tok" / "text", d / "tok" / "pixel32"
-    _built("1. shapes shards (32 px)", shards, a.force, "data shapes",
+    stale = _stale_shards(shards, a.n, a.object_weights, a.position_rate)
+    if stale and not a.force:
+        print(f"\n{shards} was generated with other settings ({stale}): rebuilding the data stages", flush=True)
+    rebuild = a.force or bool(stale)
+    _built("1. shapes shards (32 px)", shards, rebuild, "data shapes",
            ["--out", "{out}", "--n", str(a.n), "--heldout-n", str(max(a.eval_n, 200)), "--size", "32",
-            "--seed", "0", "--object-weights", a.object_weights])
-    _built("2. text tokenizer (SentencePiece BPE)", text, a.force, "tokenizer text",
+            "--seed", "0", "--object-weights", a.object_weights, "--position-rate", str(a.position_rate)])
+    _built("2. text tokenizer (SentencePiece BPE)", text, rebuild, "tokenizer text",
            ["--shards", str(shards), "--out", "{out}", "--vocab-size", "256"])
-    _built("3. image tokenizer (4x4 pixel patches, sigma_d = 0.5)", pixel, a.force, "tokenizer pixel",
+    _built("3. image tokenizer (4x4 pixel patches, sigma_d = 0.5)", pixel, rebuild, "tokenizer pixel",
            ["--shards", str(shards), "--out", "{out}", "--image-size", "32", "--patch-size", "4"])
     data_over = [f"data.train_shards={shards}", f"data.val_shards={shards}", f"data.text_tokenizer={text}",
                  f"data.image_tokenizer={pixel}"]

@@ -28,6 +28,20 @@ def test_object_weights_change_train_scenes_only():
         parse_weights("2,x,1")
 
 
+def test_position_rate_changes_train_captions_only():
+    """--position-rate 1: every train caption without a relation states each object's cell; 0: none does; the
+    held-out prompts are the same whatever the rate; out of [0, 1] is refused."""
+    caps = {r: [parse_caption(d.texts[0]) for d in make_documents(80, seed=4, size=32, position_rate=r)]
+            for r in (0.0, 1.0)}
+    plain = [c for c in caps[1.0] if c.relation is None]
+    assert plain and all(n.cell is not None for c in plain for n in c.nps)
+    assert all(n.cell is None for c in caps[0.0] for n in c.nps)
+    held = [d.texts[0] for d in make_documents(20, seed=4, size=32, split="heldout")]
+    assert held == [d.texts[0] for d in make_documents(20, seed=4, size=32, split="heldout", position_rate=1.0)]
+    with pytest.raises(ValueError, match="position_rate"):
+        next(make_documents(1, position_rate=1.5))
+
+
 def test_scores_per_object_count_on_ground_truth():
     docs = list(make_documents(40, seed=5, size=32, split="heldout"))
     ims, caps = [d.images[0].pixels for d in docs], [d.texts[0] for d in docs]
