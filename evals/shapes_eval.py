@@ -49,7 +49,7 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     caption) beside (image, true caption). layout: also draw every prompt's image from another noise, and every noise
     under another (shuffled) prompt, and report how much the foregrounds overlap (`shapes_score.layout_overlap`):
     which of the two decides where things go."""
-    from evals.shapes_score import score_captions
+    from evals.shapes_score import layout_overlap, score_captions
     from nextx.infer import Pipeline
     from nextx.latents import pil_to_tensor
 
@@ -79,8 +79,6 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
             res["t2i"][k]["clipscore_shuffled"] = float(clip.score(ims, shuffled).mean())
             res["t2i"][k]["fd"] = frechet_distance(clip, [d.images[0].pixels for d in docs], ims)
         if layout:
-            from evals.shapes_score import layout_overlap
-
             kw = dict(steps=k, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch)
             other_prompt = to_pil(pipe.t2i(shuffled, seed=seed, **kw))                # same noise, other prompt
             other_noise = to_pil(pipe.t2i(captions, seed=seed + 1, **kw))             # same prompt, other noise
@@ -91,8 +89,6 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
             grid_image(ims[:32], cols=8, scale=2).save(out / f"t2i_{k}step.png")
     truth = pil_to_tensor([d.images[0].pixels for d in docs], image_tok.image_size)
     if layout:                                   # real scenes: the same prompt's own image vs another scene's
-        from evals.shapes_score import layout_overlap
-
         real = [d.images[0].pixels for d in docs]
         res["layout_real_other_scene"] = layout_overlap(real, real[1:] + real[:1])
     gen_caps = pipe.caption(truth, max_new_tokens=cfg.data.max_text_tokens, batch_size=batch, progress=True)

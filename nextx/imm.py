@@ -160,7 +160,7 @@ def sample_t_s(n: int, *, T: float = T_MAX, eps: float = 0.0, mode: str = "unifo
     gen_device = generator.device if generator is not None else (device if device is not None else "cpu")
     u = torch.rand(2, n, generator=generator, dtype=torch.float64, device=gen_device).to(device)  # (2, n)
     if mode == "uniform":
-        t = eps + (T - eps) * (shift_time(u[0], shift) if shift != 1.0 else u[0])
+        t = eps + (T - eps) * shift_time(u[0], shift)                      # shift 1: u itself, exactly
         s = eps + (t - eps) * u[1]
     elif mode == "lognormal":
         if shift != 1.0:

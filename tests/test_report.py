@@ -109,3 +109,17 @@ def test_report_needs_val_shards():
 
     with pytest.raises(ConfigError, match="train.report_every"):
         load_config("configs/tiny.yaml", ["train.report_every=5", "data.val_shards="])
+
+
+def test_eval_shapes_layout_reports_both_overlaps(runs, capsys):
+    """`nextx eval shapes --layout`: per step count, the foreground IoU of the same noise under other prompts and of
+    the same prompts from other noise, each in [0, 1], beside two real scenes; printed in the table."""
+    from evals.shapes_eval import main
+
+    out = runs / "layout"
+    assert main([str(runs / "runs" / "imm"), "--n", "4", "--steps", "1", "--layout", "--out", str(out)]) == 0
+    r = json.loads((out / "eval.json").read_text())
+    lay = r["t2i"]["1"]["layout"]
+    assert set(lay) == {"same_noise_other_prompt", "same_prompt_other_noise"}
+    assert all(0.0 <= v <= 1.0 for v in lay.values()) and 0.0 <= r["layout_real_other_scene"] <= 1.0
+    assert "what decides the layout" in capsys.readouterr().out
