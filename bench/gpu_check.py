@@ -36,6 +36,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 470          # all sections together (the GPU session's 8 minutes, minus start-up)
+DEADLINE: float | None = None   # perf_counter time at which every section's command is cut off (set by main; None: none)
 PACKAGES = ("deepspeed", "webdataset", "open_clip", "xformers", "transformers", "sentencepiece")
 
 
@@ -44,6 +45,8 @@ def run(cmd: list[str], out: Path, name: str, timeout: float, env: dict | None =
     log = out / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if DEADLINE is not None:   # no command outlives the whole check's budget: a late section is cut, not the check
+        timeout = max(5.0, min(timeout, DEADLINE - t0))
     e = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     with log.open("a") as fh:
         fh.write(f"$ {' '.join(cmd)}\n")
@@ -86,8 +89,19 @@ class Check:
         res.setdefault("status", "ok")
         res["seconds"] = round(time.perf_counter() - t, 1)
         self.sections[name] = res
+        self.write()
         print(f"[gpu_check] {name}: {res['status']} ({res['seconds']} s)"
               + (f" - {res.get('error') or res.get('reason')}" if res["status"] != "ok" else ""), flush=True)
+
+    def write(self) -> dict:
+        """OUT/gpu_check.json and .md with the sections so far (rewritten after each: a killed check keeps its table)."""
+        import torch
+
+        res = {"device": self.cuda or "cpu", "tiny": self.tiny, "date": time.strftime("%Y-%m-%d %H:%M"),
+               "torch": torch.__version__, "seconds": time.perf_counter() - self.t0, "sections": self.sections}
+        (self.out / "gpu_check.json").write_text(json.dumps(res, indent=2, default=str))
+        (self.out / "gpu_check.md").write_text(markdown(res))
+        return res
 
     # ---- sections
 
@@ -99,15 +113,17 @@ class Check:
         return r
 
     def pytest_gpu(self) -> dict:
-        rc, log, _ = run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"],
-                         self.out, "pytest_gpu", 150)
+        # no log capture (torch's DEBUG trace would bury the failure), short tracebacks: the error fits the log tail
+        rc, log, _ = run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-p", "no:logging",
+                          "--tb=short", "-rf", "tests"], self.out, "pytest_gpu", 150)
         m = re.search(r"(\d+) passed", log)
         s = re.search(r"(\d+) skipped", log)
         f = re.search(r"(\d+) failed", log)
         res = {"passed": int(m.group(1)) if m else 0, "skipped": int(s.group(1)) if s else 0,
-               "failed": int(f.group(1)) if f else 0, "log_tail": log[-1500:]}
+               "failed": int(f.group(1)) if f else 0, "log_tail": log[-1500:],
+               "errors": [x for x in log.splitlines() if x.startswith(("E ", "FAILED"))][:12]}
         if rc not in (0, 5) or res["failed"]:
-            res["status"] = "fail"
+            res.update(status="fail", error="; ".join(res["errors"])[:600] or f"pytest rc {rc}")
         elif not self.cuda:
             res.update(status="skipped", reason="no CUDA device: the gpu tests skip themselves")
         return res
@@ -153,7 +169,7 @@ class Check:
         args = self._train_args("zero2", 2, steps)
         env = {"TORCH_LOGS": "recompiles"}
         rc1, log1, s1 = run(nextx("train", *args), self.out, "train_zero2", 300, {**env, "NEXTX_FAULT": f"step:{kill}"})
-        rc2, log2, s2 = run(nextx("train", *args), self.out, "train_zero2", 300, env)
+        rc2, log2, s2 = run(nextx("train", *args), self.out, "train_zero2", 300, env)   # log2: both runs' log
         rows = [json.loads(x) for x in (self.out / "runs" / "zero2" / "metrics.jsonl").read_text().splitlines()]
         losses = {r["step"]: r["ce"] for r in rows if "ce" in r}   # the text CE: the least noisy part of the loss
         steps_logged = [r["step"] for r in rows if "loss" in r]
@@ -161,7 +177,7 @@ class Check:
         first, last = (sum(list(losses.values())[:k]) / k, sum(list(losses.values())[-k:]) / k) if losses else (0, 0)
         res = {"killed_rc": rc1, "resume_rc": rc2, "steps": max(losses or [0]), "ce_first": first, "ce_last": last,
                "duplicate_rows": len(steps_logged) - len(set(steps_logged)),
-               "recompilations": len(re.findall(r"Recompiling function", log1 + log2)),
+               "recompilations": len(re.findall(r"Recompiling function", log2)),
                "tokens_per_s": rows[-1].get("tokens_per_s") if rows else None,
                "mfu": next((r["mfu"] for r in reversed(rows) if "mfu" in r), None),
                "seconds_first": round(s1, 1), "seconds_resume": round(s2, 1), "log_tail": log2[-1200:]}
@@ -193,13 +209,15 @@ class Check:
         return res
 
     def host_syncs(self) -> dict:
-        if not self.cuda:
-            return {"status": "skipped", "reason": "no CUDA device (torch.cuda.set_sync_debug_mode needs one)"}
-        code = SYNC_SNIPPET.format(args=json.dumps(self._train_args("syncs", 0, 2)))
+        dev = "cuda" if self.cuda else "cpu"   # on the CPU the step runs (the smoke test), its syncs are not counted
+        code = SYNC_SNIPPET.format(args=json.dumps(self._train_args("syncs", 0, 2)), device=json.dumps(dev))
         rc, log, _ = run([sys.executable, "-c", code], self.out, "host_syncs", 180)
         m = re.search(r"SYNC_RESULT (.*)", log)
         if rc or not m:
             return {"status": "fail", "error": f"rc {rc}", "log_tail": log[-1500:]}
+        if not self.cuda:
+            return {"status": "skipped", "reason": "no CUDA device: the step ran on the CPU, host syncs not counted "
+                                                   "(torch.cuda.set_sync_debug_mode needs one)"}
         return json.loads(m.group(1))
 
     def throughput(self) -> dict:
@@ -207,7 +225,9 @@ class Check:
         cmd = [sys.executable, "bench/train_throughput.py", "--json", str(f)]
         cmd += ["--tiny"] if self.tiny else ["--setups", "400m", "--steps", "8", "--warmup", "3", "--compile"]
         rc, log, _ = run(cmd, self.out, "throughput", 240)
-        res = {"records": json.loads(f.read_text()) if f.is_file() else [], "log_tail": log[-1200:]}
+        # the bench prints one JSON line per record as it goes: a run cut by the deadline keeps what it measured
+        printed = [json.loads(x) for x in log.splitlines() if x.startswith('{"section"')]
+        res = {"records": json.loads(f.read_text()) if f.is_file() else printed, "log_tail": log[-1200:]}
         if rc:
             res.update(status="fail", error=f"rc {rc}")
         return res
@@ -258,25 +278,31 @@ from nextx.pretrained import build_model
 from nextx.sequence import SpecialIds
 from nextx.tokenizer import load_tokenizer
 args = {args}
+dev = {device}
 cfg = load_config(args[0], [a for a in args[1:] if not a.startswith(("dist.engine", "dist.zero_stage", "dist.compile"))]
-                  + ["dist.engine=plain", "dist.compile=false"])
+                  + ["dist.engine=plain", "dist.zero_stage=0", "dist.compile=false"])
 tt, it = load_tokenizer(cfg.data.text_tokenizer), load_image_tokenizer(cfg.data.image_tokenizer)
 sp = SpecialIds.from_tokenizer(tt)
-model = build_model(cfg, tt, it).cuda()
+model = build_model(cfg, tt, it).to(dev)
 eng = build_engine(cfg, model)
-batch = next(iter(build_loader(cfg.data, num_workers=0))).to("cuda")
+batch = next(iter(build_loader(cfg.data, num_workers=0))).to(dev)
 def step():
     with eng.autocast():
         loss, parts = compute_loss(eng.model, batch, cfg.objective, sp, attention=cfg.model.attention,
                                    n_heads=cfg.model.n_heads, generator=torch.Generator().manual_seed(0), step=0)
     eng.backward(loss); eng.step()
-step(); torch.cuda.synchronize()
+step()
+cuda = dev == "cuda"
+if cuda:
+    torch.cuda.synchronize()
 where = collections.Counter()
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter("always")
-    torch.cuda.set_sync_debug_mode("warn")
+    if cuda:
+        torch.cuda.set_sync_debug_mode("warn")
     step()
-    torch.cuda.set_sync_debug_mode(0)
+    if cuda:
+        torch.cuda.set_sync_debug_mode(0)
 for x in w:
     if "synchroniz" in str(x.message):
         where[f"{{x.filename.split('site-packages/')[-1]}}:{{x.lineno}}"] += 1
@@ -333,18 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     if not a.tiny and not c.cuda:
         print("[gpu_check] no CUDA device: run with --tiny for the CPU smoke test", file=sys.stderr)
         return 2
-    names = ("env", "pytest_gpu", "train_zero2", "train_zero3", "host_syncs", "throughput", "t2i_latency", "caption",
+    global DEADLINE
+    if not a.tiny:
+        DEADLINE = c.t0 + BUDGET_S
+    # the README table's figures (MFU, attention backends, latency, decode) right after the first training
+    names = ("env", "pytest_gpu", "train_zero2", "throughput", "t2i_latency", "caption", "host_syncs", "train_zero3",
              "xformers")
     only = set(a.only.split(",")) if a.only else set(names)
     for name in names:
         if name in only:
             c.section(name, getattr(c, name))
-    import torch
-
-    res = {"device": c.cuda or "cpu", "tiny": a.tiny, "date": time.strftime("%Y-%m-%d %H:%M"), "torch": torch.__version__,
-           "seconds": time.perf_counter() - c.t0, "sections": c.sections}
-    (out / "gpu_check.json").write_text(json.dumps(res, indent=2, default=str))
-    (out / "gpu_check.md").write_text(markdown(res))
+    c.write()
     print((out / "gpu_check.md").read_text())
     failed = [n for n, s in c.sections.items() if s["status"] == "fail"]
     print(f"-> {out / 'gpu_check.json'}, {out / 'gpu_check.md'}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))

@@ -477,6 +477,8 @@ class NextX(nn.Module):
         if self.uniform_graph or nz.numel():  # (uniform: the time path and adaLN run, on nothing, without noise)
             ni = img.reshape(-1)[nz].long()                                           # (n_noise,) image of each
             cond = (self._time(t, s, self._text_context(inp)), nz, ni)
+            for c in cond:  # images and noise tokens per call vary: compiled blocks trace them symbolic from the start
+                torch._dynamo.maybe_mark_dynamic(c, 0)
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         new_past = []
         for i, blk in enumerate(self.layers):

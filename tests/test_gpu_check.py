@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ["env", "pytest_gpu", "train_zero2", "train_zero3", "host_syncs", "throughput", "t2i_latency", "caption",
+SECTIONS = ["env", "pytest_gpu", "train_zero2", "throughput", "t2i_latency", "caption", "host_syncs", "train_zero3",
             "xformers"]
 
 

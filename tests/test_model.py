@@ -53,7 +53,7 @@ def packed_batch():
 
 def run(model, b, mask, latents=None, t=None, s=None, **kw) -> ModelOutput:
     n = b.n_images
-    t = torch.linspace(0.2, 0.9, n) if t is None else t
+    t = torch.linspace(0.2, 0.9, n, device=b.latents.device) if t is None else t
     s = t * 0.5 if s is None else s
     return model(ModelInput.of(b, b.latents if latents is None else latents, t, s, mask), **kw)
 
