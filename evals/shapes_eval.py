@@ -43,12 +43,14 @@ def held_out_docs(cfg, n: int, split: str | None = None, shards: str | None = No
 
 @torch.no_grad()
 def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_scale: float, batch: int,
-             seed: int, out: Path | None = None, sampler: str | None = None, clip=None, layout: bool = False) -> dict:
+             seed: int, out: Path | None = None, sampler: str | None = None, clip=None, layout: bool = False,
+             captions_too: bool = True) -> dict:
     """Generate and score (module docstring). clip: an `evals.clip_align.Clip` to add CLIPScore of (prompt, image)
     per step count beside the real held-out images' and shuffled prompts', and CLIP similarity of (image, generated
     caption) beside (image, true caption). layout: also draw every prompt's image from another noise, and every noise
     under another (shuffled) prompt, and report how much the foregrounds overlap (`shapes_score.layout_overlap`):
-    which of the two decides where things go."""
+    which of the two decides where things go. captions_too=False: text-to-image only (res["caption"] is None).
+    res["unknown_token_prompts"]: prompts holding <unk> (words the text tokenizer never saw in training)."""
     from evals.shapes_score import layout_overlap, score_captions
     from nextx.infer import Pipeline
     from nextx.latents import pil_to_tensor
@@ -58,7 +60,8 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     captions = [d.texts[0] for d in docs]
     shuffled = captions[:]
     random.Random(seed).shuffle(shuffled)
-    res: dict = {"n": len(docs), "sampler": sampler, "cfg_scale": cfg_scale, "t2i": {}}
+    res: dict = {"n": len(docs), "sampler": sampler, "cfg_scale": cfg_scale, "t2i": {}, "caption": None,
+                 "unknown_token_prompts": sum(text_tok.unk_id in text_tok.encode(c) for c in captions)}
     grids: dict[int, list] = {}
     for k in steps_list:
         t0 = time.perf_counter()
@@ -91,15 +94,18 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     if layout:                                   # real scenes: the same prompt's own image vs another scene's
         real = [d.images[0].pixels for d in docs]
         res["layout_real_other_scene"] = layout_overlap(real, real[1:] + real[:1])
-    gen_caps = pipe.caption(truth, max_new_tokens=cfg.data.max_text_tokens, batch_size=batch, progress=True)
-    objs = [d.meta["objects"] for d in docs]
-    cap = score_captions(gen_caps, objs, captions)
-    sh = gen_caps[:]
-    random.Random(seed + 1).shuffle(sh)
-    cap_chance = score_captions(sh, objs, captions)
-    res["caption"] = {"precision": cap["precision"], "recall": cap["recall"], "f1": cap["f1"], "parsed": cap["parsed"],
-                      "chance_precision": cap_chance["precision"], "chance_recall": cap_chance["recall"],
-                      "examples": [{"truth": a, "generated": b} for a, b in list(zip(captions, gen_caps))[:8]]}
+    gen_caps = None
+    if captions_too:
+        gen_caps = pipe.caption(truth, max_new_tokens=cfg.data.max_text_tokens, batch_size=batch, progress=True)
+        objs = [d.meta["objects"] for d in docs]
+        cap = score_captions(gen_caps, objs, captions)
+        sh = gen_caps[:]
+        random.Random(seed + 1).shuffle(sh)
+        cap_chance = score_captions(sh, objs, captions)
+        res["caption"] = {"precision": cap["precision"], "recall": cap["recall"], "f1": cap["f1"],
+                          "parsed": cap["parsed"], "chance_precision": cap_chance["precision"],
+                          "chance_recall": cap_chance["recall"],
+                          "examples": [{"truth": a, "generated": b} for a, b in list(zip(captions, gen_caps))[:8]]}
     if clip is not None:
         real = to_pil(truth)
         from evals.clip_align import fd_floor_ceiling
@@ -108,8 +114,9 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
         res["clip"] = {**fd_floor_ceiling(clip, real, ref if len(ref) == len(real) else None, seed),
                        "real_images_clipscore": float(clip.score(real, captions).mean()),
                        "real_images_shuffled_clipscore": float(clip.score(real, shuffled).mean()),
-                       "generated_caption_similarity": float(clip.score(real, gen_caps).mean()),
                        "true_caption_similarity": float(clip.score(real, captions).mean())}
+        if gen_caps is not None:
+            res["clip"]["generated_caption_similarity"] = float(clip.score(real, gen_caps).mean())
     if out is not None and grids:
         cols = grid_columns(captions, N_GRID_COLS)
         labelled_grid([[grids[k][i] for i in cols] for k in grids], [captions[i] for i in cols],
@@ -206,22 +213,27 @@ def format_table(res: dict) -> str:
             f"{k} step{'s' if k > 1 else ''}: same noise + other prompt {r['layout']['same_noise_other_prompt']:.2f}"
             f" / same prompt + other noise {r['layout']['same_prompt_other_noise']:.2f}"
             for k, r in res["t2i"].items()) + f"; two real scenes {res['layout_real_other_scene']:.2f}")
+    if res.get("unknown_token_prompts"):
+        lines.append(f"WARNING: {res['unknown_token_prompts']} of {res['n']} prompts hold <unk>: words the text "
+                     "tokenizer never saw. Train it on captions that use every word of the language (e.g. shards "
+                     "with multi-object scenes)")
     c = res["caption"]
-    lines.append(f"captioning: precision {c['precision']:.3f} (shuffled {c['chance_precision']:.3f}), recall "
-                 f"{c['recall']:.3f} (shuffled {c['chance_recall']:.3f}), parsed {c['parsed']:.3f}")
+    if c is not None:
+        lines.append(f"captioning: precision {c['precision']:.3f} (shuffled {c['chance_precision']:.3f}), recall "
+                     f"{c['recall']:.3f} (shuffled {c['chance_recall']:.3f}), parsed {c['parsed']:.3f}")
     if "clip" in res:
         cl = res["clip"]
         lines.append("CLIPScore (prompt, image), 100 max(cos, 0): " + ", ".join(
             f"{k} step{'s' if k > 1 else ''} {r['clipscore']:.1f} (shuffled {r['clipscore_shuffled']:.1f})"
             for k, r in res["t2i"].items()) + f"; real held-out images {cl['real_images_clipscore']:.1f} "
             f"(shuffled {cl['real_images_shuffled_clipscore']:.1f})")
-        lines.append(f"CLIP similarity (image, caption): generated {cl['generated_caption_similarity']:.1f}, "
-                     f"true {cl['true_caption_similarity']:.1f}")
+        lines.append("CLIP similarity (image, caption): " + (f"generated {cl['generated_caption_similarity']:.1f}, "
+                     if "generated_caption_similarity" in cl else "") + f"true {cl['true_caption_similarity']:.1f}")
         lines.append("Frechet distance to the held-out images in CLIP features: " + ", ".join(
             f"{k} step{'s' if k > 1 else ''} {r['fd']:.3f}" for k, r in res["t2i"].items())
             + f" (floor, other real scenes {cl['floor_real_vs_real']:.3f}; ceiling, real vs noise "
             f"{cl['ceiling_real_vs_noise']:.3f})")
-    for e in c["examples"][:4]:
+    for e in (c["examples"] if c else [])[:4]:
         lines.append(f"  truth: {e['truth']!r:60} generated: {e['generated']!r}")
     return "\n".join(lines)
 
@@ -245,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip", default=None, help="add CLIPScore: an open_clip folder (`nextx clip train` output) or "
                    "an architecture name with --clip-pretrained")
     p.add_argument("--clip-pretrained", default=None, help="local open_clip weights file for --clip NAME")
+    p.add_argument("--no-captions", dest="captions", action="store_false", help="text-to-image only: skip "
+                   "captioning the held-out images (faster)")
     p.add_argument("--layout", action="store_true", help="also measure what decides the layout: foreground overlap "
                    "of images from the same noise under another prompt, and of the same prompt from another noise")
     a = p.parse_args(argv)
@@ -268,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     docs = held_out_docs(cfg, a.n, a.split, a.shards)
     res = run_eval(model, cfg, text_tok, image_tok, special, docs, steps, cfg_scale=a.cfg_scale, batch=a.batch,
-                   seed=a.seed, out=out, sampler=a.sampler, clip=clip, layout=a.layout)
+                   seed=a.seed, out=out, sampler=a.sampler, clip=clip, layout=a.layout, captions_too=a.captions)
     (out / "eval.json").write_text(json.dumps(res, indent=2))
     print(format_table(res))
     print(f"-> {out / 'eval.json'}")

@@ -321,9 +321,9 @@ TOKENIZERS = "tokenizers"          # RUN/tokenizers/{text,image}/ + manifest.jso
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """The config with run_dir and its data paths made absolute where they exist from the current directory (a run
-    then loads, and resumes from its own config.yaml, from anywhere). Brace patterns and missing paths stay as
-    they are."""
+    """The config with run_dir, its data paths and train.init_from made absolute where they exist from the current
+    directory (a run then loads, and resumes from its own config.yaml, from anywhere). Brace patterns and missing
+    paths stay as they are."""
     import dataclasses
 
     new = {}
@@ -331,8 +331,11 @@ def absolute_paths(cfg: Config) -> Config:
         v = getattr(cfg.data, f)
         if v and "{" not in v and Path(v).exists():
             new[f] = str(Path(v).resolve())
+    train = cfg.train
+    if train.init_from and Path(train.init_from).exists():
+        train = dataclasses.replace(train, init_from=str(Path(train.init_from).resolve()))
     return dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()),
-                               data=dataclasses.replace(cfg.data, **new))
+                               data=dataclasses.replace(cfg.data, **new), train=train)
 
 
 def content_hash(path: str | Path) -> str:
@@ -394,6 +397,35 @@ def run_tokenizers(step_dir: Path) -> tuple[str, str] | None:
                                   f"differs from {man_f}); the model's ids would mean something else")
         paths.append(str(p))
     return paths[0], paths[1]
+
+
+def init_weights_from(model, path: str | Path, cfg: Config) -> Path:
+    """Start `model` (built from `cfg`) from the weights of another run (`train.init_from`: a run dir, an export or a
+    checkpoint step dir; see `resolve`): a fine-tune or the next phase of a curriculum. Only weights move: optimizer,
+    schedule, step and data start fresh. The model sections must agree (hf_init aside) and the tokenizers must have
+    the same content, else the weights would mean something else: each is a CheckpointError naming the difference.
+    -> the step dir loaded."""
+    import dataclasses
+
+    d = resolve(path)
+    src = load_run_config(d / "config.yaml")
+    a = {k: v for k, v in dataclasses.asdict(src.model).items() if k != "hf_init"}
+    b = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "hf_init"}
+    diff = [f"model.{k}: {a[k]!r} there, {b.get(k)!r} here" for k in a if a[k] != b.get(k)]
+    if diff:
+        raise CheckpointError(f"train.init_from {path}: its model differs from this run's ({'; '.join(diff[:4])})")
+    own = run_tokenizers(d) or (src.data.text_tokenizer, src.data.image_tokenizer)
+    for kind, theirs, ours in (("text", own[0], cfg.data.text_tokenizer), ("image", own[1], cfg.data.image_tokenizer)):
+        if not Path(theirs).exists():
+            raise CheckpointError(f"train.init_from {path}: its {kind} tokenizer {theirs} is not found, so it cannot be "
+                                  f"checked against data.{kind}_tokenizer")
+        if content_hash(theirs) != content_hash(ours):
+            raise CheckpointError(f"train.init_from {path}: its {kind} tokenizer ({theirs}) differs from "
+                                  f"data.{kind}_tokenizer ({ours}); the ids would mean something else")
+    sd = read_state_dict(d, src)
+    check_weights(sd, d)
+    load_weights(model, sd, d)
+    return d
 
 
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu", *, ema: bool = False):

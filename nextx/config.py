@@ -232,6 +232,9 @@ class TrainConfig:
     max_nonfinite: int = 5        # a NaN/inf loss skips its micro-batch (counted); this many in a row stop the run
                                   # naming the step and the last good checkpoint (0 = no check: no host sync)
     export_on_save: bool = False  # also write exports/step_N/ (safetensors) at every save, not only at the end
+    init_from: str = ""           # a run dir, export or checkpoint whose model weights start this run (fine-tune, the
+                                  # next phase of a curriculum): fresh optimizer, schedule, step and data; ignored on a
+                                  # resume (the checkpoint holds everything). Model sections and tokenizers must match
     eval_batches: int = 4         # val batches per rank in the quick eval (train.eval_every)
     sample_prompts: int = 4       # fixed val captions (and images) in the sample grids (train.sample_every)
     peak_tflops: float = 0.0      # per-device peak for MFU (0 = from the GPU name: bf16 dense; n/a on CPU)

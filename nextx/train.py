@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nextx.checkpoint import (absolute_paths, barrier, clean_partial, export, fault_point, latest_checkpoint,
-                              load_run_config, load_train_state, save_checkpoint, set_rng_state, snapshot_tokenizers)
+from nextx.checkpoint import (absolute_paths, barrier, clean_partial, export, fault_point, init_weights_from,
+                              latest_checkpoint, load_run_config, load_train_state, save_checkpoint, set_rng_state,
+                              snapshot_tokenizers)
 from nextx.config import Config, ConfigError, load_config, save_config, to_dict
 from nextx.data import build_loader
 from nextx.engine import build_engine, init_distributed
@@ -295,6 +296,8 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
     model = build_model(cfg, text_tok, image_tok).to(device)
     n_params = model.num_params()
     flops_tok = token_flops(model, cfg.data.row_len)  # fwd+bwd per token (before ZeRO-3 partitions the params)
+    if cfg.train.init_from and resume_from is None:
+        print0(f"weights from {init_weights_from(model, cfg.train.init_from, cfg)} (train.init_from)")
     if cfg.dist.compile:
         for blk in model.layers:
             blk.compile()

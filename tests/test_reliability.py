@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from nextx.config import ConfigError, load_config
 from nextx.errors import UserError
@@ -63,6 +64,35 @@ def test_same_name_other_config_refuses_then_new_run_or_overwrite(env):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert s3["step"] == 1 and [r["step"] for r in rows if "loss" in r] == [1]   # the old run's rows are gone
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_0000001"]
+
+
+def test_init_from_starts_from_another_runs_weights_and_refuses_what_does_not_fit(env):
+    """train.init_from: the weights of another run (the next phase of a curriculum), nothing else; a model or a
+    tokenizer that differs is refused by name."""
+    from nextx.checkpoint import CheckpointError, read_state_dict, resolve
+
+    root, _ = env
+    a = Path(_train(env, "name=phase1", "train.steps=2")["out"])
+    b = Path(_train(env, "name=phase2", "train.steps=1", "optim.lr=1e-12", "optim.weight_decay=0",
+                    f"train.init_from={a}")["out"])
+    cfg = load_config(b / "config.yaml")
+    assert cfg.train.init_from == str(a.resolve())
+    wa, wb = read_state_dict(resolve(a), cfg), read_state_dict(resolve(b), cfg)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-9) for k in wa)  # phase 1's weights
+    assert json.loads((b / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1    # a fresh step count
+    fresh = read_state_dict(resolve(_train(env, "name=fresh", "train.steps=1", "optim.lr=1e-12",
+                                           "optim.weight_decay=0")["out"]), cfg)
+    assert not all(torch.allclose(wa[k], fresh[k], atol=1e-6) for k in wa)               # init_from did something
+    with pytest.raises(CheckpointError, match=r"model differs.*model.n_layers: 1 there, 2 here"):
+        _train(env, "name=wide", "train.steps=1", "model.n_layers=2", f"train.init_from={a}")
+    from nextx.tokenizer import train_sentencepiece
+    from data_tools.shapes import make_documents
+
+    train_sentencepiece([d.texts[0] for d in make_documents(40, 1, 16, "train")], root / "text2", vocab_size=120)
+    with pytest.raises(CheckpointError, match="text tokenizer .* differs from data.text_tokenizer"):
+        _train(env, "name=othertok", "train.steps=1", f"data.text_tokenizer={root / 'text2'}", f"train.init_from={a}")
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        _train(env, "name=nothing", "train.steps=1", f"train.init_from={root / 'nope'}")
 
 
 def test_a_second_writer_is_locked_out(env):

@@ -123,3 +123,24 @@ def test_eval_shapes_layout_reports_both_overlaps(runs, capsys):
     assert set(lay) == {"same_noise_other_prompt", "same_prompt_other_noise"}
     assert all(0.0 <= v <= 1.0 for v in lay.values()) and 0.0 <= r["layout_real_other_scene"] <= 1.0
     assert "what decides the layout" in capsys.readouterr().out
+
+
+def test_eval_shapes_without_captions_and_the_unknown_word_warning(runs, capsys):
+    """`--no-captions` draws and scores only (no caption section); prompts holding <unk> are counted, and any such
+    count is a printed warning (a tokenizer trained on single-object captions cannot spell "above")."""
+    from evals.shapes_eval import format_table, main
+    from nextx.checkpoint import load_for_inference
+
+    out = runs / "nocap"
+    assert main([str(runs / "runs" / "imm"), "--n", "4", "--steps", "1", "--no-captions", "--out", str(out)]) == 0
+    r = json.loads((out / "eval.json").read_text())
+    printed = capsys.readouterr().out
+    assert r["caption"] is None and "captioning:" not in printed and r["t2i"]["1"]["by_objects"]
+    _, _, tok, _, _ = load_for_inference(runs / "runs" / "imm")
+    from evals.shapes_eval import held_out_docs
+    from nextx.checkpoint import load_run_config, resolve
+
+    docs = held_out_docs(load_run_config(resolve(runs / "runs" / "imm") / "config.yaml"), 4)
+    assert r["unknown_token_prompts"] == sum(tok.unk_id in tok.encode(d.texts[0]) for d in docs)
+    assert "WARNING" not in format_table({**r, "unknown_token_prompts": 0})
+    assert "WARNING: 3 of 4 prompts hold <unk>" in format_table({**r, "unknown_token_prompts": 3})
