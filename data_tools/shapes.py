@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Iterator, Mapping, Sequence
@@ -524,6 +525,31 @@ def generator_info(size: int, seed: int, object_weights: Sequence[float] | None 
             "jitter": JITTER, "background_grey": list(BG_GREY)}
 
 
+LANGUAGE_FILE = "language.txt"
+
+
+def language_texts() -> list[str]:
+    """Captions, drawn from no scene, that together use every word and every form of the caption language: each
+    train colour-shape pair once (sizes and cells cycling, the held-out pairs left out), each relation between
+    shapes that may be its subject in training, and the two- and three-object lists. A text tokenizer trained on
+    shards whose scenes never use some words (single objects: no "and", "," or "above") reads these beside them
+    (`nextx tokenizer text --shards D --text-file D/language.txt`), so no held-out prompt holds <unk>."""
+    held = set(HELDOUT_PAIRS)
+    pairs = [(c, sh) for c in COLOURS for sh in SHAPES if (c, sh) not in held]
+    sizes = [None, *SIZES]
+    texts = [format_caption(Caption((NP(c, sh, sizes[i % 3], CELLS[i % len(CELLS)]),)))
+             for i, (c, sh) in enumerate(pairs)]
+    for i, rel in enumerate(RELATIONS):
+        subj = [pr for pr in pairs if (pr[1], rel) not in set(HELDOUT_RELATIONS)]
+        a, b = subj[(7 * i) % len(subj)], pairs[(7 * i + 3) % len(pairs)]
+        texts.append(format_caption(Caption((NP(*a), NP(*b, sizes[1 + i % 2])), rel)))
+    for i in range(4):
+        nps = [NP(*pairs[(5 * i + j) % len(pairs)], sizes[j % 3], CELLS[(i + 4 * j) % len(CELLS)] if j else None)
+               for j in range(3)]
+        texts += [format_caption(Caption(tuple(nps[:2]))), format_caption(Caption(tuple(nps)))]
+    return texts
+
+
 def _tally(docs: Iterator[Document], counts: Counter) -> Iterator[Document]:
     for d in docs:
         counts[f"{len(d.meta['objects'])} objects"] += 1
@@ -568,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
                                max_per_shard=a.max_per_shard, total=n, info=info)
         print(f"{split}: {summary['n_docs']} docs in {summary['n_shards']} shard(s); "
               + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    lang = Path(a.out) / LANGUAGE_FILE
+    lang.write_text("\n".join(language_texts()) + "\n", encoding="utf-8")
+    print(f"{lang}: {len(language_texts())} captions that use every word of the language (for the text tokenizer)")
     return 0
 
 

@@ -3,7 +3,8 @@
 Stages (outputs under --data, default data/, and --run-dir, default runs/):
   1. shapes shards      nextx data shapes --out data/shapes32 --n 8000 --object-weights 1,0,0 --position-rate 1
                         (single-object training scenes whose captions all say where; held-out prompts unchanged)
-  2. text tokenizer     nextx tokenizer text --shards data/shapes32 --out data/tok/text
+  2. text tokenizer     nextx tokenizer text --shards data/shapes32 --text-file data/shapes32/language.txt
+                        --out data/tok/text (language.txt spells every word, so two-object prompts hold no <unk>)
   3. image tokenizer    nextx tokenizer pixel --shards data/shapes32 --out data/tok/pixel32 (4x4 patches, 8x8 grid)
   4. pipeline check     the recipe's DataLoader: packed batches, packing efficiency, rows/s, bad samples
   5. scorer self-check  ground-truth renders vs shuffled captions, per fact type
@@ -71,6 +72,10 @@ def _stale_shards(shards: Path, n: int, weights: str, position_rate: float) -> s
         return ""
     from data_tools.shapes import P_POS, parse_weights
 
+    from data_tools.shapes import LANGUAGE_FILE
+
+    if not (shards / LANGUAGE_FILE).exists():   # before it, the text tokenizer never saw the relation words
+        return f"no {LANGUAGE_FILE} (an older generator)"
     got = json.loads(info.read_text())
     want = {"train docs": n, "object_weights": list(parse_weights(weights)), "position_rate": position_rate}
     have = {"train docs": got.get("splits", {}).get("train", {}).get("n_docs"),
@@ -107,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
            ["--out", "{out}", "--n", str(a.n), "--heldout-n", str(max(a.eval_n, 200)), "--size", "32",
             "--seed", "0", "--object-weights", a.object_weights, "--position-rate", str(a.position_rate)])
     _built("2. text tokenizer (SentencePiece BPE)", text, rebuild, "tokenizer text",
-           ["--shards", str(shards), "--out", "{out}", "--vocab-size", "256"])
+           ["--shards", str(shards), "--text-file", str(shards / "language.txt"), "--out", "{out}", "--vocab-size",
+            "256"])
     _built("3. image tokenizer (4x4 pixel patches, sigma_d = 0.5)", pixel, rebuild, "tokenizer pixel",
            ["--shards", str(shards), "--out", "{out}", "--image-size", "32", "--patch-size", "4"])
     data_over = [f"data.train_shards={shards}", f"data.val_shards={shards}", f"data.text_tokenizer={text}",

@@ -17,3 +17,5 @@ def test_stale_shards_names_what_differs(tmp_path):
     assert shapes_main(["--out", str(old), "--n", "20", "--heldout-n", "4", "--object-weights", "2,1,1"]) == 0
     assert _stale_shards(old, 20, "2,1,1", 0.5) == ""
     assert "position_rate 0.5 instead of 1.0" in _stale_shards(old, 20, "2,1,1", 1.0)
+    (old / "language.txt").unlink()                                            # written before language.txt
+    assert _stale_shards(old, 20, "2,1,1", 0.5) == "no language.txt (an older generator)"

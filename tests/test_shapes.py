@@ -184,10 +184,29 @@ def _members(out_dir, split):
             for s in iter_raw_samples(shard_paths(out_dir, split))]
 
 
+def test_language_texts_spell_every_word_and_keep_the_heldout_out():
+    """language.txt (written beside the shards): every word of the grammar, every form, all parseable, and no
+    held-out colour-shape pair or held-out subject-relation pair."""
+    from data_tools.shapes import (CELLS, COLOURS, HELDOUT_PAIRS, HELDOUT_RELATIONS, RELATIONS, SHAPES, SIZES,
+                                   language_texts)
+
+    texts = language_texts()
+    words = {w for t in texts for w in t.replace(",", " ,").split()}
+    grammar = ({*COLOURS, *SHAPES, *SIZES, "a", "an", "in", "the", "and", ","}
+               | {w for phrase in (*CELLS, *RELATIONS) for w in phrase.split()})
+    assert words == grammar
+    caps = [parse_caption(t) for t in texts]
+    assert {len(c.nps) for c in caps} == {1, 2, 3} and {c.relation for c in caps} == {None, *RELATIONS}
+    assert not any((n.colour, n.shape) in HELDOUT_PAIRS for c in caps for n in c.nps)
+    assert not any(c.relation and (c.nps[0].shape, c.relation) in HELDOUT_RELATIONS for c in caps)
+
+
 def test_shard_job_end_to_end(tmp_path, capsys):
     args = ["--n", "30", "--size", "32", "--heldout-n", "6", "--max-per-shard", "8", "--seed", "4"]
     assert shapes_main(["--out", str(tmp_path / "a")] + args) == 0
     assert "train: 30 docs in 4 shard(s)" in capsys.readouterr().out
+    from data_tools.shapes import language_texts
+    assert (tmp_path / "a" / "language.txt").read_text().splitlines() == language_texts()
     assert len(shard_paths(tmp_path / "a", "train")) == 4 and len(shard_paths(tmp_path / "a", "heldout")) == 1
     docs = [decode_document(s) for s in iter_raw_samples(shard_paths(tmp_path / "a", "train"))]
     assert len(docs) == 30 and all(d.is_pair() and d.images[0].pixels.size == (32, 32) for d in docs)

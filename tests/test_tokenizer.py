@@ -241,3 +241,11 @@ def test_job_end_to_end_on_shards(tmp_path, capsys):
     assert main(["--text-file", str(tmp_path / "lines.txt"), "--out", str(tmp_path / "tok2"), "--vocab-size",
                  "64", "--max-texts", "100"]) == 0
     assert json.loads((tmp_path / "tok2/tokenizer.json").read_text())["n_texts"] == 100
+    # both sources: the shards' texts plus the file's lines (a shapes shard dir's language.txt spells every word)
+    (tmp_path / "extra.txt").write_text("heldout words zebra quokka\n")
+    assert main(["--shards", str(tmp_path / "shards"), "--text-file", str(tmp_path / "extra.txt"), "--out",
+                 str(tmp_path / "tok3"), "--vocab-size", "64"]) == 0
+    assert "texts 201 (200 documents" in capsys.readouterr().out
+    assert load_tokenizer(tmp_path / "tok3").unk_id not in load_tokenizer(tmp_path / "tok3").encode("zebra quokka")
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "tok4")])                                  # no source at all

@@ -66,18 +66,20 @@ def iter_texts(paths: list[str], stats: dict | None = None) -> Iterator[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nextx tokenizer text", description="Train a SentencePiece BPE text tokenizer "
                                 "with the nextx special tokens on the texts of shards or of a text file.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", nargs="+", metavar="DIR_OR_PATTERN", help="shard dirs, .tar files or brace patterns")
-    src.add_argument("--text-file", metavar="FILE", help="UTF-8 text, one training text per line")
+    p.add_argument("--shards", nargs="+", metavar="DIR_OR_PATTERN", help="shard dirs, .tar files or brace patterns")
+    p.add_argument("--text-file", metavar="FILE", help="UTF-8 text, one training text per line (with --shards: "
+                   "read as well, e.g. a shapes shard dir's language.txt)")
     p.add_argument("--split", default="train", help="split of shard dirs (default: train; '' = every .tar)")
     p.add_argument("--out", required=True, help="output dir for tokenizer.model + tokenizer.json")
     p.add_argument("--force", action="store_true", help="replace what --out already holds")
     p.add_argument("--vocab-size", type=int, default=2048, help="total ids incl. specials (default: 2048)")
-    p.add_argument("--max-texts", type=int, default=None, help="train on the first N texts only")
+    p.add_argument("--max-texts", type=int, default=None, help="train on the first N texts of each source only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--character-coverage", type=float, default=1.0, help="share of characters with a piece")
     p.add_argument("--byte-fallback", action="store_true", help="spend 256 ids on raw bytes: no <unk> ever")
     a = p.parse_args(argv)
+    if not (a.shards or a.text_file):
+        p.error("give --shards, --text-file or both")
     from nextx.errors import refuse_existing
 
     refuse_existing(a.out, a.force, "a tokenizer")
@@ -85,15 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     stats: dict = {}
     try:
+        sources, texts = [], []
         if a.shards:
             paths = [path for s in a.shards for path in shard_paths(s, a.split or None)]
-            source, it = " ".join(a.shards), iter_texts(paths, stats)
-        else:
+            sources.append(" ".join(a.shards))
+            texts = list(islice(iter_texts(paths, stats), a.max_texts))
+        if a.text_file:
             with open(a.text_file, encoding="utf-8") as f:
-                lines = [line.rstrip("\n") for line in f]
-            source, it = a.text_file, iter(lines)
+                texts += list(islice((line.rstrip("\n") for line in f), a.max_texts))
+            sources.append(a.text_file)
+        source = " + ".join(sources)
         # held in memory: the summary re-encodes them, and sentencepiece keeps its own copy anyway
-        texts = [t for t in islice(it, a.max_texts) if t]
+        texts = [t for t in texts if t]
         tok = train_sentencepiece(texts, a.out, vocab_size=a.vocab_size, seed=a.seed, source=source,
                                   character_coverage=a.character_coverage, byte_fallback=a.byte_fallback)
     except (FileNotFoundError, ValueError) as e:
@@ -105,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         n_tok += len(ids)
         n_unk += ids.count(tok.unk_id)
     n_chars = sum(len(t) for t in texts)
-    where = (f"{stats.get('docs', 0)} documents, skipped {stats.get('bad_sample', 0)} bad samples and "
-             f"{stats.get('bad_tar', 0)} unreadable tar members" if a.shards else "one per line")
+    where = "; ".join(([f"{stats.get('docs', 0)} documents, skipped {stats.get('bad_sample', 0)} bad samples and "
+                        f"{stats.get('bad_tar', 0)} unreadable tar members"] if a.shards else [])
+                      + (["the text file one per line"] if a.text_file else []))
     print(f"texts {len(texts)} ({where}) from {source}")
     print(f"vocab {tok.vocab_size} (specials {tok.special_tokens}) read + trained in {train_s:.1f}s -> {a.out}")
     print(f"tokens/text {n_tok / len(texts):.2f}, chars/token {n_chars / max(n_tok, 1):.2f}, "
