@@ -221,6 +221,17 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask)
 
 
+FLEX_MIN_HEAD_DIM = 16   # compiled FlexAttention on CUDA runs Triton's tl.dot, which needs every dim >= 16
+
+
+def check_flex_head_dim(head_dim: int, device_type: str) -> None:
+    """Refuse what compiled FlexAttention cannot run, before inductor fails deep in a kernel: head_dim < 16 on CUDA
+    (the CPU path has no such limit)."""
+    if device_type == "cuda" and head_dim < FLEX_MIN_HEAD_DIM:
+        raise ValueError(f"model.attention=flex on CUDA needs head_dim >= {FLEX_MIN_HEAD_DIM} (Triton's matmul), got "
+                         f"{head_dim} (d_model / n_heads): use fewer heads, a wider model, or model.attention=sdpa")
+
+
 @functools.cache
 def flex_attention_compiled(dynamic: bool | None = False):
     """Cached `torch.compile(flex_attention, dynamic=dynamic)` (eager flex is a slow reference implementation).

@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nextx.config import ModelConfig
-from nextx.masks import block_mask, dense_mask, flex_attention_compiled, require_xformers
+from nextx.masks import block_mask, check_flex_head_dim, dense_mask, flex_attention_compiled, require_xformers
 from nextx.positions import apply_rope, rope2d_inv_freq, rope_cos_sin, rope_inv_freq, rope_section, sincos_2d
 from nextx.sequence import CLEAN, NOISE, TEXT, gather_context, image_text_context
 
@@ -242,6 +242,7 @@ class Attention(nn.Module):
             v = torch.cat([past[1].to(v.dtype), v], dim=2)
         gqa = self.n_heads != self.n_kv
         if self.backend == "flex":
+            check_flex_head_dim(self.hd, q.device.type)
             y = flex_attention_compiled()(q, k, v, block_mask=mask, enable_gqa=gqa)
         elif self.backend == "xformers":
             y = _xformers_attention(q, k, v, mask)
