@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     from data_tools.rows import pipeline_check
 
     pipeline_check(a.config, data_over + a.overrides, n_batches=20)
-    _run("5. exact scorer self-check (32 px, the demo's size)", "eval shapes-selfcheck", ["--n", "200", "--sizes", "32"])
+    _run("5. exact scorer self-check (32 px, the demo's size)", "eval shapes-selfcheck",
+         ["--n", "200", "--sizes", "32"])
     run = Path(a.run_dir) / "demo"
     if a.force and run.exists():
         shutil.rmtree(run)
