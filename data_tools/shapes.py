@@ -539,8 +539,9 @@ def language_texts() -> list[str]:
     sizes = [None, *SIZES]
     texts = [format_caption(Caption((NP(c, sh, sizes[i % 3], CELLS[i % len(CELLS)]),)))
              for i, (c, sh) in enumerate(pairs)]
+    banned = set(HELDOUT_RELATIONS)
     for i, rel in enumerate(RELATIONS):
-        subj = [pr for pr in pairs if (pr[1], rel) not in set(HELDOUT_RELATIONS)]
+        subj = [pr for pr in pairs if (pr[1], rel) not in banned]
         a, b = subj[(7 * i) % len(subj)], pairs[(7 * i + 3) % len(pairs)]
         texts.append(format_caption(Caption((NP(*a), NP(*b, sizes[1 + i % 2])), rel)))
     for i in range(4):
@@ -594,9 +595,9 @@ def main(argv: list[str] | None = None) -> int:
                                max_per_shard=a.max_per_shard, total=n, info=info)
         print(f"{split}: {summary['n_docs']} docs in {summary['n_shards']} shard(s); "
               + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    lang = Path(a.out) / LANGUAGE_FILE
-    lang.write_text("\n".join(language_texts()) + "\n", encoding="utf-8")
-    print(f"{lang}: {len(language_texts())} captions that use every word of the language (for the text tokenizer)")
+    lang, texts = Path(a.out) / LANGUAGE_FILE, language_texts()
+    lang.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    print(f"{lang}: {len(texts)} captions that use every word of the language (for the text tokenizer)")
     return 0
 
 

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.minutes <= 0 or a.n <= 0 or a.eval_n <= 0 or a.cfg_scale < 0:
         p.error("--minutes, --n and --eval-n must be > 0 and --cfg-scale >= 0")
+    from data_tools.shapes import LANGUAGE_FILE
+
     d = Path(a.data)
     t0 = time.perf_counter()
     shards, text, pixel = d / "shapes32", d / "tok" / "text", d / "tok" / "pixel32"
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
            ["--out", "{out}", "--n", str(a.n), "--heldout-n", str(max(a.eval_n, 200)), "--size", "32",
             "--seed", "0", "--object-weights", a.object_weights, "--position-rate", str(a.position_rate)])
     _built("2. text tokenizer (SentencePiece BPE)", text, rebuild, "tokenizer text",
-           ["--shards", str(shards), "--text-file", str(shards / "language.txt"), "--out", "{out}", "--vocab-size",
+           ["--shards", str(shards), "--text-file", str(shards / LANGUAGE_FILE), "--out", "{out}", "--vocab-size",
             "256"])
     _built("3. image tokenizer (4x4 pixel patches, sigma_d = 0.5)", pixel, rebuild, "tokenizer pixel",
            ["--shards", str(shards), "--out", "{out}", "--image-size", "32", "--patch-size", "4"])
