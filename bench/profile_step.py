@@ -1,10 +1,11 @@
 """Where one training step's time goes (not a test): torch.profiler over mixed steps at a config's dims, CPU.
 
-    python bench/profile_step.py configs/demo.yaml [--steps 20] [--threads 2] [key=value ...]
+    python bench/profile_step.py configs/demo.yaml [--steps 20] [--threads 2] [--eager] [key=value ...]
 
 Synthetic packed rows of the config's row_len and batch_rows (caption+image documents, half caption->image, as
 bench/train_throughput.py builds them), the config's objective and engine. Prints the median step time, the share of
-the IMM target pass (no-grad forward), and the top operators by self CPU time.
+the IMM target pass (no-grad forward), and the top operators by self CPU time. The config's dist.compile is used
+(compiled blocks: the first steps compile and are not timed); --eager forces dist.compile=false.
 """
 
 from __future__ import annotations
@@ -33,16 +34,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latent-dim", type=int, default=48)
     p.add_argument("--grid", type=int, default=8)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--eager", action="store_true", help="dist.compile=false whatever the config says")
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     from nextx import objective
-    from nextx.engine import PlainEngine
+    from nextx.engine import PlainEngine, compile_blocks
     from nextx.model import NextX
 
     torch.set_num_threads(a.threads)
-    cfg = load_config(a.config, ["dist.engine=plain", "dist.zero_stage=0", *a.overrides])
+    cfg = load_config(a.config, ["dist.engine=plain", "dist.zero_stage=0", *a.overrides,
+                                 *(["dist.compile=false"] if a.eager else [])])
     torch.manual_seed(0)
     model = NextX(cfg.model, vocab_size=a.vocab, latent_dim=a.latent_dim)
+    if cfg.dist.compile:
+        compile_blocks(model, torch.device("cpu"))
     eng = PlainEngine(cfg, model)
     batches = synthetic_batches("mixed", 4, cfg.data.batch_rows, cfg.data.row_len, a.vocab, a.latent_dim,
                                 (a.grid, a.grid))
@@ -67,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         eng.step()
         return time.perf_counter() - t0
 
-    for i in range(3):
+    for i in range(8 if cfg.dist.compile else 3):  # compiled: both grad modes and every batch shape traced
         step(i)
     target_s.clear()
     times = [step(i) for i in range(a.steps)]
     med = statistics.median(times)
     print(f"{a.config}: median step {med * 1e3:.0f} ms over {a.steps} steps ({cfg.data.batch_rows}x"
-          f"{cfg.data.row_len} tokens, {a.threads} threads); IMM target pass "
+          f"{cfg.data.row_len} tokens, {a.threads} threads, {'compiled' if cfg.dist.compile else 'eager'} blocks); "
+          f"IMM target pass "
           f"{statistics.median(target_s) * 1e3 if target_s else 0:.0f} ms "
           f"({(statistics.median(target_s) if target_s else 0) / med:.0%})")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -196,7 +196,7 @@ class DistConfig:
     grad_accum: int = 1           # micro-batches per optimizer step
     offload_optimizer: bool = False  # ZeRO CPU offload of optimizer states
     deepspeed_json: str = ""      # raw DeepSpeed JSON whose keys override the derived config (advanced)
-    compile: bool = False         # torch.compile each transformer block (GPU; ZeRO 0-2)
+    compile: bool = False         # torch.compile each transformer block (ZeRO 0-2; on CPU needs a C++ compiler)
 
     def check(self, p: str = "dist") -> None:
         _require(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")

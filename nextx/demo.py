@@ -133,8 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(a.run_dir) / "demo"
     if a.force and run.exists():
         shutil.rmtree(run)
+    from nextx.engine import cpu_compiler
+
+    eager = [] if cpu_compiler() else ["dist.compile=false"]
+    if eager:
+        print("\n   no C++ compiler found (g++, or $CXX): the recipe's compiled blocks need one, so this run trains "
+              "eager blocks, ~1.2x slower a step (fewer steps in --minutes). Install g++ to compile.", flush=True)
     _run(f"6. train ({a.config}, at most {a.minutes:g} min; resumes a run that was interrupted)", "train",
-         [a.config, "name=demo", f"run_dir={a.run_dir}", *data_over, *a.overrides, "--max-minutes", str(a.minutes)])
+         [a.config, "name=demo", f"run_dir={a.run_dir}", *data_over, *eager, *a.overrides, "--max-minutes",
+          str(a.minutes)])
     out = run / "eval_shapes"
     _run(f"7. held-out prompts: exact fact accuracy at 1/2/4/8 IMM steps (guidance {a.cfg_scale:g}), captions",
          "eval shapes", [str(run), "--n", str(a.eval_n), "--steps", "1,2,4,8", "--cfg-scale", str(a.cfg_scale),

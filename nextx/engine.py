@@ -412,6 +412,29 @@ class DeepSpeedEngine:
         return out if rank0 else None
 
 
+def cpu_compiler() -> str | None:
+    """The C++ compiler torch inductor calls for CPU kernels (g++ unless `CXX` names another), or None if none is
+    installed."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # inductor raises its own InvalidCxxCompiler (or an OSError) when the search fails
+        return None
+
+
+def compile_blocks(model: torch.nn.Module, device: torch.device) -> None:
+    """dist.compile: torch.compile each transformer block (`model.layers`). On CPU inductor writes C++ kernels, so
+    without a compiler this is a ConfigError naming the fix, not an inductor traceback at the first step. On 2 CPU
+    cores it makes a demo step 1.18x faster (README "Where a step's time goes")."""
+    if device.type == "cpu" and cpu_compiler() is None:
+        raise ConfigError("dist.compile=true on CPU needs a C++ compiler for torch inductor (g++, or the one `CXX` "
+                          "names) and none was found: install one (e.g. apt-get install g++) or set "
+                          "dist.compile=false")
+    for blk in model.layers:
+        blk.compile()
+
+
 def build_engine(cfg: Config, model: torch.nn.Module):
     if cfg.dist.engine == "plain":
         return PlainEngine(cfg, model)

@@ -37,7 +37,7 @@ from nextx.checkpoint import (absolute_paths, barrier, clean_partial, export, fa
                               snapshot_tokenizers)
 from nextx.config import Config, ConfigError, load_config, save_config, to_dict
 from nextx.data import build_loader
-from nextx.engine import build_engine, init_distributed
+from nextx.engine import build_engine, compile_blocks, init_distributed
 from nextx.metrics import (COUNT_KEYS, LOSS_KEYS, Metrics, all_reduce_sum, count_batch, fmt_record, log_record,
                            new_accumulator, peak_flops, token_flops)
 from nextx.errors import UserError
@@ -299,8 +299,7 @@ def train(cfg: Config, *, max_minutes: float = 0.0, quiet: bool = False) -> dict
     if cfg.train.init_from and resume_from is None:
         print0(f"weights from {init_weights_from(model, cfg.train.init_from, cfg)} (train.init_from)")
     if cfg.dist.compile:
-        for blk in model.layers:
-            blk.compile()
+        compile_blocks(model, device)
     engine = build_engine(cfg, model)
 
     # ---- resume: engine state, RNG, data position
