@@ -152,7 +152,8 @@ def score_with_chance(ims: list, captions: list[str], seed: int) -> dict:
         sub = [ims[i] for i in idx]
         real, chance = score_t2i(sub, caps), score_t2i(sub, sh)
         return {"n": len(idx), "accuracy": real["accuracy"], "all_correct": real["all_correct"],
-                "chance_accuracy": chance["accuracy"], "chance_all_correct": chance["all_correct"]}
+                "chance_accuracy": chance["accuracy"], "chance_all_correct": chance["all_correct"],
+                "single_outcomes": real["single_outcomes"]}
 
     res = one(list(range(len(captions))), 0)
     n_obj = [len(parse_caption(c).nps) for c in captions]
@@ -203,6 +204,11 @@ def t2i_table(res: dict, sampler: str) -> str:
         lines.append(row(k, f"all {r['n']}", r))
         for n, rn in r.get("by_objects", {}).items():
             lines.append(row("", f"{n}-obj {rn['n']}", rn))
+    outs = [(k, r["single_outcomes"]) for k, r in res["t2i"].items() if r.get("single_outcomes")]
+    if outs:
+        lines.append("what was drawn for the one-object prompts (share of images), by steps:")
+        for k, o in outs:
+            lines.append(f"{k:>5}  " + ", ".join(f"{name} {v:.2f}" for name, v in o.items()))
     return "\n".join(lines)
 
 

@@ -242,11 +242,30 @@ def categories(caption: Caption) -> list[str]:
     return cats
 
 
+OUTCOMES = ("one, its colour", "one, another colour", "several, its colour among them",
+            "several, not its colour", "none")
+
+
+def single_outcome(caption: Caption | str, objects: Sequence[Mapping]) -> str | None:
+    """What was drawn for a one-object prompt, one of OUTCOMES (None for a prompt naming several objects): how
+    many objects were detected, and whether the prompt's colour is among them. It tells apart the ways "exactly one
+    object" fails: nothing drawn, stray or broken-up blobs, a wrong colour."""
+    cap = _as_caption(caption)
+    if len(cap.nps) != 1:
+        return None
+    if not objects:
+        return "none"
+    ok = any(o["colour"] == cap.nps[0].colour for o in objects)
+    if len(objects) == 1:
+        return OUTCOMES[0] if ok else OUTCOMES[1]
+    return OUTCOMES[2] if ok else OUTCOMES[3]
+
+
 def score_objects(caption: Caption | str, objects: Sequence[Mapping]) -> dict:
     """Check every fact of a caption against a list of objects (detected, or the truth for chance levels).
 
     Returns {fact type: bool, or None when the caption asserts none}, all_correct, n_facts and n_correct per
-    type, refs (the object each NP was matched to) and n_objects.
+    type, refs (the object each NP was matched to), n_objects and outcome (`single_outcome`).
     """
     cap = _as_caption(caption)
     truth = scene_facts(objects)
@@ -255,7 +274,8 @@ def score_objects(caption: Caption | str, objects: Sequence[Mapping]) -> dict:
     n_facts, n_ok = Counter(f[0] for f in facts), Counter(f[0] for f in facts & truth)
     out: dict = {t: (n_ok[t] == n_facts[t]) if n_facts[t] else None for t in FACT_TYPES}
     out["all_correct"] = all(v for v in out.values() if v is not None)
-    out.update(n_facts=dict(n_facts), n_correct=dict(n_ok), refs=list(refs), n_objects=len(objects))
+    out.update(n_facts=dict(n_facts), n_correct=dict(n_ok), refs=list(refs), n_objects=len(objects),
+               outcome=single_outcome(cap, objects))
     return out
 
 
@@ -265,9 +285,12 @@ def score_image(image: PILImage.Image | np.ndarray, caption: Caption | str) -> d
 
 
 def aggregate_t2i(results: Sequence[dict], captions: Sequence[Caption | str]) -> dict:
-    """Per-fact accuracy (micro over atomic facts), share all-correct, all-correct share per category, and the
-    same per-fact accuracy and all-correct share over the prompts naming n objects (`by_objects[n]`)."""
+    """Per-fact accuracy (micro over atomic facts), share all-correct, all-correct share per category, the
+    same per-fact accuracy and all-correct share over the prompts naming n objects (`by_objects[n]`), and the share
+    of each `single_outcome` over the one-object prompts (`single_outcomes`)."""
     n_facts, n_ok, cat_n, cat_ok = Counter(), Counter(), Counter(), Counter()
+    outcomes = Counter(r["outcome"] for r in results if r.get("outcome"))   # one-object prompts only
+    n_single = sum(outcomes.values())
     by_n: dict[int, tuple[Counter, Counter, list]] = {}    # prompts with n objects: (facts, correct, all-correct)
     for r, c in zip(results, captions, strict=True):
         n_facts.update(r["n_facts"])
@@ -283,7 +306,8 @@ def aggregate_t2i(results: Sequence[dict], captions: Sequence[Caption | str]) ->
             "all_correct": float(np.mean([r["all_correct"] for r in results])) if results else 0.0,
             "categories": {c: cat_ok[c] / cat_n[c] for c in CATEGORIES if cat_n[c]},
             "by_objects": {n: {"n": len(ac), "accuracy": {t: no[t] / nf[t] for t in FACT_TYPES if nf[t]},
-                               "all_correct": float(np.mean(ac))} for n, (nf, no, ac) in sorted(by_n.items())}}
+                               "all_correct": float(np.mean(ac))} for n, (nf, no, ac) in sorted(by_n.items())},
+            "single_outcomes": {o: outcomes[o] / n_single for o in OUTCOMES} if n_single else {}}
 
 
 def score_t2i(images: Sequence[PILImage.Image | np.ndarray], captions: Sequence[Caption | str]) -> dict:

@@ -260,3 +260,22 @@ def test_scorer_holds_under_blur_and_patch_noise():
     noisy = score_t2i([patch_noise(d.images[0].pixels.convert("RGB"), 8, 4, rng) for d in docs], caps)
     for r in (blurred, noisy):
         assert r["accuracy"]["shape"] >= 0.95 and r["accuracy"]["size"] >= 0.95 and r["all_correct"] >= 0.9, r
+
+
+def test_single_outcome_tells_the_failures_of_exactly_one_apart():
+    from evals.shapes_score import OUTCOMES, aggregate_t2i, score_objects, single_outcome
+
+    red = {"colour": "red", "shape": "circle", "size": "large", "cell": "top left", "centroid": [0.2, 0.2]}
+    blue = {"colour": "blue", "shape": "square", "size": "small", "cell": "center", "centroid": [0.5, 0.5]}
+    assert single_outcome("a red circle", []) == "none"
+    assert single_outcome("a red circle", [red]) == "one, its colour"
+    assert single_outcome("a small red circle in the top left", [blue]) == "one, another colour"
+    assert single_outcome("a red circle", [blue, red]) == "several, its colour among them"
+    assert single_outcome("a red circle", [blue, blue]) == "several, not its colour"
+    assert single_outcome("a red circle and a blue square", [red, blue]) is None
+    objs = [[red], [red, blue], [], [blue], [red, blue]]
+    caps = ["a red circle", "a red circle", "a red circle", "a red circle", "a red circle and a blue square"]
+    agg = aggregate_t2i([score_objects(c, o) for c, o in zip(caps, objs)], caps)
+    assert agg["single_outcomes"] == {OUTCOMES[0]: .25, OUTCOMES[1]: .25, OUTCOMES[2]: .25, OUTCOMES[3]: 0.0,
+                                      OUTCOMES[4]: .25}
+    assert agg["by_objects"][1]["accuracy"]["count"] == .5     # "exactly one" is the first two outcomes
