@@ -1,6 +1,7 @@
 """nextx vs the calibration reference at equal wall time (not a test): one after the other, same shards, same scorer.
 
     python bench/vs_reference.py --minutes 5                       # flow, caption->image only (the reference's task)
+    python bench/vs_reference.py --minutes 5 --shards D --text-tokenizer T --image-tokenizer P   # the demo's data
     python bench/vs_reference.py --minutes 5 --objective imm --steps 4
 
 1. `nextx eval reference` trains the minimal DiT-style flow model (evals/reference.py) for --minutes and scores it
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-steps", type=int, default=30, help="the reference's Euler steps")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--t-shift", type=float, default=3.0, help="SD3 time shift of both models' training times (and "
+                   "the reference's sampling grid); 3 is the demo recipe's objective.t_shift")
     p.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml for the nextx run")
     a = p.parse_args(argv)
     from evals import reference, shapes_eval
@@ -56,13 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     if not (ref_dir / "reference.json").exists():
         reference.main(["--shards", a.shards, "--text-tokenizer", a.text_tokenizer, "--image-tokenizer",
                         a.image_tokenizer, "--out", str(ref_dir), "--minutes", str(a.minutes), "--steps",
-                        str(a.ref_steps), "--n", str(a.n), "--threads", str(a.threads)])
+                        str(a.ref_steps), "--n", str(a.n), "--threads", str(a.threads), "--t-shift", str(a.t_shift)])
     ref = json.loads((ref_dir / "reference.json").read_text())
     obj = ["objective.kind=flow", "objective.image_weight=4"] if a.objective == "flow" else []
     train.main([str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"), f"name={run.name}",
                 f"run_dir={out}", f"data.train_shards={a.shards}", f"data.val_shards={a.shards}",
                 f"data.text_tokenizer={a.text_tokenizer}", f"data.image_tokenizer={a.image_tokenizer}",
                 "data.t2i_ratio=1.0", f"train.threads={a.threads}", "train.steps=100000", "train.save_every=0",
+                f"objective.t_shift={a.t_shift}",
                 *obj, *a.overrides, "--max-minutes", str(a.minutes)])
     shapes_eval.main([str(run), "--n", str(a.n), "--steps", str(a.steps), "--out", str(run / "eval")])
     nx = json.loads((run / "eval" / "eval.json").read_text())
