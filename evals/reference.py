@@ -186,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     caps = [encode(d) for d in train]
     x_all = image_tok.encode(pil_to_tensor([d.images[0].pixels for d in train], image_tok.image_size))  # (n, N, C)
     n_tok, C = x_all.shape[1:]
-    model = RefDiT(text_tok.vocab_size, max(len(c) for c in caps) + 8, C, image_tok.grid, a.width, a.depth,
-                   cond=a.cond)
+    held = load("heldout", a.n)
+    held_ids = [encode(d) for d in held]  # held-out prompts may be longer than every training caption (e.g. two
+    #   objects against single-object training scenes): the text position table covers both
+    model = RefDiT(text_tok.vocab_size, max(len(c) for c in caps + held_ids) + 8, C, image_tok.grid, a.width,
+                   a.depth, cond=a.cond)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
     print(f"reference: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, {len(train)} train docs, "
@@ -216,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(ema)
     torch.save({"ema": ema, "args": vars(a), "steps": step}, out / "reference.pt")
     model.eval()
-    held = load("heldout", a.n)
     prompts = [d.texts[0] for d in held]
     res = {"params": sum(p.numel() for p in model.parameters()), "steps": step, "images_seen": seen,
            "seconds": wall, "images_per_s": seen / wall, "n": len(held), "cfg_scale": a.cfg_scale, "t2i": {}}
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in (int(s) for s in a.steps.split(",")):
         ims = []
         for i in range(0, len(held), 50):
-            lat = sample(model, [encode(d) for d in held[i:i + 50]], pad, n_tok, C, k, sigma_d,
+            lat = sample(model, held_ids[i:i + 50], pad, n_tok, C, k, sigma_d,
                          a.cfg_scale, torch.Generator().manual_seed(a.seed + i), a.t_shift)
             ims += to_pil(image_tok.decode(lat))
         res["t2i"][k] = score_with_chance(ims, prompts, a.seed)
