@@ -145,7 +145,7 @@ def score_with_chance(ims: list, captions: list[str], seed: int) -> dict:
     from data_tools.shapes import parse_caption
     from evals.shapes_score import score_t2i
 
-    def one(idx: list[int], salt: int) -> dict:
+    def one(idx: list[int], salt: int, outcomes: bool = False) -> dict:
         caps = [captions[i] for i in idx]
         sh = caps[:]
         random.Random(seed + salt).shuffle(sh)
@@ -153,9 +153,9 @@ def score_with_chance(ims: list, captions: list[str], seed: int) -> dict:
         real, chance = score_t2i(sub, caps), score_t2i(sub, sh)
         return {"n": len(idx), "accuracy": real["accuracy"], "all_correct": real["all_correct"],
                 "chance_accuracy": chance["accuracy"], "chance_all_correct": chance["all_correct"],
-                "single_outcomes": real["single_outcomes"]}
+                **({"single_outcomes": real["single_outcomes"]} if outcomes else {})}
 
-    res = one(list(range(len(captions))), 0)
+    res = one(list(range(len(captions))), 0, outcomes=True)   # what was drawn for the one-object prompts: once
     n_obj = [len(parse_caption(c).nps) for c in captions]
     res["by_objects"] = {n: one([i for i, m in enumerate(n_obj) if m == n], n) for n in sorted(set(n_obj))}
     return res

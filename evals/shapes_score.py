@@ -254,11 +254,9 @@ def single_outcome(caption: Caption | str, objects: Sequence[Mapping]) -> str | 
     if len(cap.nps) != 1:
         return None
     if not objects:
-        return "none"
+        return OUTCOMES[4]
     ok = any(o["colour"] == cap.nps[0].colour for o in objects)
-    if len(objects) == 1:
-        return OUTCOMES[0] if ok else OUTCOMES[1]
-    return OUTCOMES[2] if ok else OUTCOMES[3]
+    return OUTCOMES[(0 if len(objects) == 1 else 2) + (not ok)]
 
 
 def score_objects(caption: Caption | str, objects: Sequence[Mapping]) -> dict:

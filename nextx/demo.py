@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     eager = [] if cpu_compiler() else ["dist.compile=false"]
     if eager:
-        print("\n   no C++ compiler found (g++, or $CXX): the recipe's compiled blocks need one, so this run trains "
+        print("\n   no C++ compiler found (g++, or $CXX): compiled blocks (dist.compile) need one, so this run trains "
               "eager blocks, ~1.2x slower a step (fewer steps in --minutes). Install g++ to compile.", flush=True)
     _run(f"6. train ({a.config}, at most {a.minutes:g} min; resumes a run that was interrupted)", "train",
          [a.config, "name=demo", f"run_dir={a.run_dir}", *data_over, *eager, *a.overrides, "--max-minutes",

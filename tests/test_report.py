@@ -144,3 +144,9 @@ def test_eval_shapes_without_captions_and_the_unknown_word_warning(runs, capsys)
     assert r["unknown_token_prompts"] == sum(tok.unk_id in tok.encode(d.texts[0]) for d in docs)
     assert "WARNING" not in format_table({**r, "unknown_token_prompts": 0})
     assert "WARNING: 3 of 4 prompts hold <unk>" in format_table({**r, "unknown_token_prompts": 3})
+    # what was drawn for the one-object prompts: shares summing to 1, printed, kept once (not per object count)
+    outs = r["t2i"]["1"]["single_outcomes"]
+    n1 = sum(len(d.meta["objects"]) == 1 for d in docs)
+    assert (abs(sum(outs.values()) - 1) < 1e-9) if n1 else outs == {}
+    assert ("what was drawn for the one-object prompts" in printed) == bool(n1)
+    assert all("single_outcomes" not in rn for rn in r["t2i"]["1"]["by_objects"].values())
