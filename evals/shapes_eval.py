@@ -43,13 +43,14 @@ def held_out_docs(cfg, n: int, split: str | None = None, shards: str | None = No
 
 @torch.no_grad()
 def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_scale: float, batch: int,
-             seed: int, out: Path | None = None, sampler: str | None = None, clip=None, layout: bool = False,
-             captions_too: bool = True) -> dict:
+             seed: int, out: Path | None = None, sampler: str | None = None, shift: float | None = None, clip=None,
+             layout: bool = False, captions_too: bool = True) -> dict:
     """Generate and score (module docstring). clip: an `evals.clip_align.Clip` to add CLIPScore of (prompt, image)
     per step count beside the real held-out images' and shuffled prompts', and CLIP similarity of (image, generated
     caption) beside (image, true caption). layout: also draw every prompt's image from another noise, and every noise
     under another (shuffled) prompt, and report how much the foregrounds overlap (`shapes_score.layout_overlap`):
-    which of the two decides where things go. captions_too=False: text-to-image only (res["caption"] is None).
+    which of the two decides where things go. sampler, shift: the sampler and the time shift of its t-grid (None:
+    the run's, `Pipeline.from_model`). captions_too=False: text-to-image only (res["caption"] is None).
     res["unknown_token_prompts"]: prompts holding <unk> (words the text tokenizer never saw in training)."""
     from evals.shapes_score import layout_overlap, score_captions
     from nextx.infer import Pipeline
@@ -57,16 +58,18 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
 
     pipe = Pipeline.from_model(model, cfg, text_tok, image_tok, special)
     sampler = sampler or pipe.sampler
+    shift = pipe.shift if shift is None else shift
     captions = [d.texts[0] for d in docs]
     shuffled = captions[:]
     random.Random(seed).shuffle(shuffled)
-    res: dict = {"n": len(docs), "sampler": sampler, "cfg_scale": cfg_scale, "t2i": {}, "caption": None,
+    res: dict = {"n": len(docs), "sampler": sampler, "shift": shift, "cfg_scale": cfg_scale, "t2i": {},
+                 "caption": None,
                  "unknown_token_prompts": sum(text_tok.unk_id in text_tok.encode(c) for c in captions)}
     grids: dict[int, list] = {}
     for k in steps_list:
         t0 = time.perf_counter()
-        ims = to_pil(pipe.t2i(captions, steps=k, sampler=sampler, cfg_scale=cfg_scale, seed=seed, batch_size=batch,
-                              progress=True))
+        ims = to_pil(pipe.t2i(captions, steps=k, sampler=sampler, shift=shift, cfg_scale=cfg_scale, seed=seed,
+                              batch_size=batch, progress=True))
         t_gen = time.perf_counter() - t0
         res["t2i"][k] = {**score_with_chance(ims, captions, seed), "seconds": time.perf_counter() - t0,
                          "gen_seconds": t_gen}
@@ -82,7 +85,7 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
             res["t2i"][k]["clipscore_shuffled"] = float(clip.score(ims, shuffled).mean())
             res["t2i"][k]["fd"] = frechet_distance(clip, [d.images[0].pixels for d in docs], ims)
         if layout:
-            kw = dict(steps=k, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch)
+            kw = dict(steps=k, sampler=sampler, shift=shift, cfg_scale=cfg_scale, batch_size=batch)
             other_prompt = to_pil(pipe.t2i(shuffled, seed=seed, **kw))                # same noise, other prompt
             other_noise = to_pil(pipe.t2i(captions, seed=seed + 1, **kw))             # same prompt, other noise
             res["t2i"][k]["layout"] = {"same_noise_other_prompt": layout_overlap(ims, other_prompt),
@@ -190,7 +193,8 @@ def labelled_grid(rows: list[list], col_labels: list[str], row_labels: list[str]
 
 def t2i_table(res: dict, sampler: str) -> str:
     """The text-to-image part of a result as text: all prompts, then per number of objects; chance in brackets."""
-    lines = [f"text-to-image on {res['n']} held-out prompts ({sampler}, cfg {res['cfg_scale']}): fact accuracy "
+    grid = f", t-grid shift {res['shift']:g}" if res.get("shift", 1.0) != 1.0 else ""
+    lines = [f"text-to-image on {res['n']} held-out prompts ({sampler}{grid}, cfg {res['cfg_scale']}): fact accuracy "
              "(chance = same images vs shuffled prompts)",
              f"{'steps':>5} {'prompts':>9} " + " ".join(f"{f:>13}" for f in FACTS) + f" {'all facts':>13}"]
 
@@ -255,7 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", default=None, help="shapes shard dir to take prompts from (default: the run's val "
                    "shards)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
-    p.add_argument("--sampler", default=None, choices=["pushforward", "restart", "euler"])
+    p.add_argument("--sampler", default=None, choices=["pushforward", "restart", "euler"],
+                   help="default: euler for flow runs, the run's objective.imm_sampler for IMM")
+    p.add_argument("--shift", type=float, default=None, help="time shift of the sampler's t-grid (default: the run's "
+                   "objective.t_shift; 1 = plain linspace)")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ema", action="store_true", help="the export's EMA weights (runs trained with optim.ema_decay)")
@@ -270,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.n < 1 or a.batch < 1 or a.cfg_scale < 0:
         p.error(f"--n and --batch must be >= 1 and --cfg-scale >= 0, got {a.n}, {a.batch}, {a.cfg_scale}")
+    if a.shift is not None and a.shift <= 0:
+        p.error(f"--shift must be > 0 (1 = no shift), got {a.shift}")
     try:
         steps = [int(x) for x in a.steps.split(",")]
     except ValueError:
@@ -288,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     docs = held_out_docs(cfg, a.n, a.split, a.shards)
     res = run_eval(model, cfg, text_tok, image_tok, special, docs, steps, cfg_scale=a.cfg_scale, batch=a.batch,
-                   seed=a.seed, out=out, sampler=a.sampler, clip=clip, layout=a.layout, captions_too=a.captions)
+                   seed=a.seed, out=out, sampler=a.sampler, shift=a.shift, clip=clip, layout=a.layout,
+                   captions_too=a.captions)
     (out / "eval.json").write_text(json.dumps(res, indent=2))
     print(format_table(res))
     print(f"-> {out / 'eval.json'}")

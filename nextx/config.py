@@ -149,6 +149,9 @@ class ObjectiveConfig:
     time_sampling: Literal["uniform", "lognormal"] = "uniform"  # paper: t ~ U(eps,T), s|t ~ U(eps,t)
     t_shift: float = 1.0         # SD3 time shift of the uniform t draw (`imm.shift_time`): > 1 trains more near noise,
     #   where a scene's layout is decided (3: half the draws above t = 0.75); 1 = the paper's uniform t
+    imm_sampler: Literal["pushforward", "restart"] = "pushforward"  # an IMM run's default sampler (`nextx t2i`,
+    #   evals, sample grids; a flow run samples with Euler): restart re-noises each step's clean estimate (README
+    #   "Drawing the scene"). Every run's sampling grid is shifted by its t_shift (`imm.sampling_times`)
     cfg_drop: float = 0.1        # probability of replacing a document's text condition by the null prompt
     null_prompt: Literal["hidden", "pad"] = "hidden"  # the null prompt (`objective.null_prompt`): "hidden" takes
     #   the caption out of the sequence, so its length cannot leak the count; "pad" replaces its ids by <pad> in place

@@ -279,7 +279,8 @@ def _check_sampler(sampler: str, steps: int) -> None:
 
 def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, steps: int,
            sampler: str = "pushforward", cfg_scale: float = 1.0, sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX,
-           eps: float = 0.0, schedule: str = "uniform", generator: torch.Generator | None = None):
+           eps: float = 0.0, schedule: str = "uniform", shift: float = 1.0,
+           generator: torch.Generator | None = None):
     """Draw one image for each of `rows`, whose cache ends with the image's `<boi>`. -> (x (R, N, C) float32,
     x0 (R, N, C) float64: the initial noise). The cache is read, never written (the caller commits x)."""
     _check_sampler(sampler, steps)
@@ -315,7 +316,7 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
 
     x0 = torch.randn((R, N, C), generator=generator, dtype=torch.float64) * sigma_d
     x = x0.to(dev)
-    ts = imm.sampling_times(steps, T=T, eps=eps, schedule=schedule)               # (steps + 1,) float64
+    ts = imm.sampling_times(steps, T=T, eps=eps, schedule=schedule, shift=shift)  # (steps + 1,) float64
     for i in range(steps):
         t_i, t_next = float(ts[i]), float(ts[i + 1])
         s_model = imm.sampler_s(sampler, t_i, t_next, eps)
@@ -354,8 +355,8 @@ def _on_sdpa(fn):
 @_on_sdpa
 def t2i(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: tuple[int, int], latent_dim: int,
         steps: int, sampler: str = "pushforward", cfg_scale: float = 1.0, sigma_d: float = imm.SIGMA_D,
-        T: float = imm.T_MAX, eps: float = 0.0, schedule: str = "uniform", generator: torch.Generator | None = None,
-        device=None, null_prompt: str = "hidden") -> torch.Tensor:
+        T: float = imm.T_MAX, eps: float = 0.0, schedule: str = "uniform", shift: float = 1.0,
+        generator: torch.Generator | None = None, device=None, null_prompt: str = "hidden") -> torch.Tensor:
     """Text-to-image, cached. prompts: B lists of text ids (no <bos>) -> latents (B, N, C) float32.
 
     Same arguments and numbers as `tests/oracles.t2i_reference`: prefill `<bos> prompt <boi>` for all rows in one
@@ -367,7 +368,7 @@ def t2i(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: t
     _append(model, cache, [prompt_piece([list(p)], special, open_image=True) for p in prompts], special, left=True,
             want_logits=False)
     x, _ = refine(model, cache, list(range(len(prompts))), grid, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                  sigma_d=sigma_d, T=T, eps=eps, schedule=schedule, generator=generator)
+                  sigma_d=sigma_d, T=T, eps=eps, schedule=schedule, shift=shift, generator=generator)
     return x
 
 
@@ -395,7 +396,7 @@ def generate(model, prompts: Sequence[Sequence], special: SpecialIds, *, grid: t
              stop: Sequence[int] | None = None, suppress: Sequence[int] = (), force_boi_at: Sequence = (),
              max_images: int | None = None, draw_images: bool = True, steps: int = 4, sampler: str = "pushforward",
              cfg_scale: float = 1.0, sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX, eps: float = 0.0,
-             schedule: str = "uniform", generator: torch.Generator | None = None, device=None,
+             schedule: str = "uniform", shift: float = 1.0, generator: torch.Generator | None = None, device=None,
              trace: dict | None = None, progress: bool = False, null_prompt: str = "hidden") -> list[list]:
     """Interleaved generation, the outer loop over text tokens and images. prompts: B lists of segments (lists of
     text ids, ImageTokens as context). Returns per row the NEW segments in order: lists of text ids (with the `<boi>`
@@ -458,7 +459,7 @@ def generate(model, prompts: Sequence[Sequence], special: SpecialIds, *, grid: t
         logits = _append(model, cache, pieces, special)
         if drawing:
             x, x0 = refine(model, cache, drawing, grid, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                           sigma_d=sigma_d, T=T, eps=eps, schedule=schedule, generator=generator)
+                           sigma_d=sigma_d, T=T, eps=eps, schedule=schedule, shift=shift, generator=generator)
             for j, b in enumerate(drawing):
                 out[b].append(x[j].cpu())
                 n_img[b] += 1

@@ -286,17 +286,24 @@ def mmd_loss(y: torch.Tensor, y_target: torch.Tensor, t: Time, s: Time, *, sigma
 
 
 def sampling_times(n_steps: int, *, T: float = T_MAX, eps: float = 0.0, schedule: str = "uniform",
-                   rho: float = 7.0) -> torch.Tensor:
+                   rho: float = 7.0, shift: float = 1.0) -> torch.Tensor:
     """The t-grid of an n_steps sampler: (n_steps + 1,) float64, t_0 = T > t_1 > ... > t_n = eps.
 
-    "uniform" (default; best in [P] Fig. 6): linspace(T, eps, n_steps + 1).
+    "uniform" (default; best in [P] Fig. 6): linspace(T, eps, n_steps + 1); with `shift` != 1, the same grid in u
+    moved as training moves its t draws (`sample_t_s`): t_i = eps + (T - eps) shift_time(1 - i/n, shift), so a run
+    trained with objective.t_shift = 3 samples where it trained (4 steps from T = 1: 1, .9, .75, .5, 0).
     "edm": eta_i = (eta_max^(1/rho) + i/n (eta_min^(1/rho) - eta_max^(1/rho)))^rho mapped back to t (rho = 7).
     Step i of the pushforward sampler goes from t = ts[i] to s = ts[i + 1]."""
     if n_steps < 1:
         raise ValueError(f"n_steps must be >= 1, got {n_steps}")
     if not 0.0 <= eps < T < 1.0:
         raise ValueError(f"need 0 <= eps < T < 1, got eps={eps}, T={T}")
-    if schedule == "uniform":
+    if shift != 1.0 and schedule != "uniform":
+        raise ValueError(f"a time shift ({shift}) applies to the uniform schedule only, not {schedule!r}")
+    if schedule == "uniform" and shift != 1.0:
+        u = torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64)
+        ts = eps + (T - eps) * shift_time(u, shift)
+    elif schedule == "uniform":
         ts = torch.linspace(T, eps, n_steps + 1, dtype=torch.float64)
     elif schedule == "edm":
         hi, lo = eta_of(T).item() ** (1 / rho), eta_of(eps).item() ** (1 / rho)

@@ -62,13 +62,13 @@ class Pipeline:
 
     def __init__(self, model, text_tok, image_tok, special: SpecialIds | None = None, device=None, *,
                  sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX, eps: float = 0.0, sampler: str = "pushforward",
-                 steps: int = 4, cfg_scale: float = 1.0, null_prompt: str = "hidden"):
+                 steps: int = 4, cfg_scale: float = 1.0, null_prompt: str = "hidden", shift: float = 1.0):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.text_tok, self.image_tok = text_tok, image_tok.to(self.device)
         self.special = special or SpecialIds.from_tokenizer(text_tok)
         self.sigma_d, self.T, self.eps = sigma_d, T, eps
-        self.sampler, self.steps, self.cfg_scale = sampler, steps, cfg_scale
+        self.sampler, self.steps, self.cfg_scale, self.shift = sampler, steps, cfg_scale, shift
         self.null_prompt = null_prompt
 
     @classmethod
@@ -84,16 +84,21 @@ class Pipeline:
     def from_model(cls, model, cfg, text_tok, image_tok, special: SpecialIds | None = None,
                    device=None) -> "Pipeline":
         """A model in memory with its run config (the trainer's sample grids, the evals): the objective's sigma_d,
-        T, eps and null prompt; Euler at 50 steps for a flow run, pushforward at 4 for IMM; guidance 1.5 when the
-        run was trained with CFG dropout. The model is put in eval mode (a caller that trains restores it)."""
+        T, eps and null prompt; Euler at 50 steps for a flow run, objective.imm_sampler at 4 for IMM;
+        the t-grid shifted as its training times were (objective.t_shift); guidance 1.5 when the run was trained
+        with CFG dropout. The model is put in eval mode (a caller that trains restores it)."""
         o = cfg.objective
         flow = o.kind == "flow"
         return cls(model, text_tok, image_tok, special, device, sigma_d=o.sigma_d, T=o.T, eps=o.eps,
-                   sampler="euler" if flow else "pushforward", steps=50 if flow else 4,
-                   cfg_scale=1.5 if o.cfg_drop > 0 else 1.0, null_prompt=o.null_prompt)
+                   sampler="euler" if flow else o.imm_sampler, steps=50 if flow else 4, cfg_scale=1.5 if o.cfg_drop > 0 else 1.0,
+                   null_prompt=o.null_prompt, shift=o.t_shift)
 
-    def _image_kw(self, steps, cfg_scale, sampler, schedule) -> dict:
-        return dict(steps=steps or self.steps, sampler=sampler or self.sampler, schedule=schedule,
+    def _image_kw(self, steps, cfg_scale, sampler, schedule, shift=None) -> dict:
+        """Sampler keywords: each None takes the pipeline's default; the default shift applies to the uniform
+        schedule only (an explicit shift with another schedule is refused by `imm.sampling_times`)."""
+        if shift is None:
+            shift = self.shift if schedule == "uniform" else 1.0
+        return dict(steps=steps or self.steps, sampler=sampler or self.sampler, schedule=schedule, shift=shift,
                     sigma_d=self.sigma_d, T=self.T, eps=self.eps, null_prompt=self.null_prompt,
                     cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale)
 
@@ -107,12 +112,12 @@ class Pipeline:
 
     @torch.no_grad()
     def t2i(self, prompts: Sequence[str], *, steps: int | None = None, cfg_scale: float | None = None,
-            sampler: str | None = None, schedule: str = "uniform", seed: int = 0, batch_size: int = 16,
-            progress: bool = False) -> torch.Tensor:
+            sampler: str | None = None, schedule: str = "uniform", shift: float | None = None, seed: int = 0,
+            batch_size: int = 16, progress: bool = False) -> torch.Tensor:
         """Prompts -> images (B, 3, H, W) float32 in [0, 1] on CPU."""
         from tqdm import tqdm
 
-        kw = self._image_kw(steps, cfg_scale, sampler, schedule)
+        kw = self._image_kw(steps, cfg_scale, sampler, schedule, shift)
         out = []
         for i in tqdm(range(0, len(prompts), batch_size), desc="t2i", disable=not progress):
             ids = [self.text_tok.encode(p) for p in prompts[i:i + batch_size]]
@@ -156,8 +161,9 @@ class Pipeline:
     @torch.no_grad()
     def generate_many(self, prompts: Sequence, *, max_new_tokens: int = 128, force_images: Sequence[int] = (),
                       max_images: int | None = 4, steps: int | None = None, cfg_scale: float | None = None,
-                      sampler: str | None = None, schedule: str = "uniform", temperature: float = 0.0,
-                      top_k: int = 0, top_p: float = 1.0, seed: int = 0, progress: bool = False) -> list[Document]:
+                      sampler: str | None = None, schedule: str = "uniform", shift: float | None = None,
+                      temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                      progress: bool = False) -> list[Document]:
         """Interleaved generation for a batch of prompts (each a string or a list of strings and images) ->
         one Document per prompt holding the NEW segments (Text, and Image with pixels and latents);
         `meta["prompt"]` keeps the prompt. force_images: indices of sampled tokens replaced by <boi>."""
@@ -167,7 +173,7 @@ class Pipeline:
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             suppress=(sp.pad, sp.bos, sp.eoi), force_boi_at=force_images, max_images=max_images,
             generator=torch.Generator().manual_seed(seed), progress=progress,
-            **self._image_kw(steps, cfg_scale, sampler, schedule))
+            **self._image_kw(steps, cfg_scale, sampler, schedule, shift))
         out = []
         for prompt, segs in zip(prompts, docs):
             shown = prompt if isinstance(prompt, str) else [p if isinstance(p, str) else "<image>" for p in prompt]
@@ -203,8 +209,10 @@ def _common(p: argparse.ArgumentParser, image: bool) -> None:
         p.add_argument("--cfg-scale", type=float, default=None,
                        help="guidance scale w (default 1.5 if the run trained with CFG dropout, else 1 = off)")
         p.add_argument("--sampler", default=None, choices=generate.SAMPLERS,
-                       help="default: pushforward (IMM runs), euler (flow runs)")
+                       help="default: euler for flow runs, the run's objective.imm_sampler for IMM")
         p.add_argument("--schedule", default="uniform", choices=["uniform", "edm"], help="t-grid (docs/imm.md §6)")
+        p.add_argument("--shift", type=float, default=None, help="time shift of the uniform t-grid (default: the "
+                       "run's objective.t_shift, so it samples where it trained; 1 = plain linspace)")
 
 
 def _text_opts(p: argparse.ArgumentParser, max_new: int, temperature: float) -> None:
@@ -222,7 +230,8 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
              ("top_k", lambda v: v >= 0, "must be >= 0 (0 = off)"),
              ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 = off)"),
              ("batch_size", lambda v: v >= 1, "must be >= 1"), ("max_new_tokens", lambda v: v >= 1, "must be >= 1"),
-             ("grid_cols", lambda v: v >= 1, "must be >= 1"), ("max_images", lambda v: v >= 0, "must be >= 0")]
+             ("grid_cols", lambda v: v >= 1, "must be >= 1"), ("max_images", lambda v: v >= 0, "must be >= 0"),
+             ("shift", lambda v: v is None or v > 0, "must be > 0 (1 = no shift)")]
     for name, ok, msg in rules:
         if hasattr(a, name) and not ok(getattr(a, name)):
             p.error(f"--{name.replace('_', '-')} {msg}, got {getattr(a, name)}")
@@ -262,7 +271,9 @@ def _settings(g: Pipeline, a: argparse.Namespace, image: bool) -> dict:
     s = {"run": str(a.run), "ema": a.ema, "device": str(g.device), "seed": a.seed}
     if image:
         s.update(steps=a.steps or g.steps, cfg_scale=g.cfg_scale if a.cfg_scale is None else a.cfg_scale,
-                 sampler=a.sampler or g.sampler, schedule=a.schedule, sigma_d=g.sigma_d, T=g.T, eps=g.eps)
+                 sampler=a.sampler or g.sampler, schedule=a.schedule,
+                 shift=g._image_kw(None, None, None, a.schedule, a.shift)["shift"], sigma_d=g.sigma_d, T=g.T,
+                 eps=g.eps)
     return s
 
 
@@ -282,8 +293,8 @@ def t2i_main(argv: list[str] | None = None) -> int:
     g = Pipeline.from_run(a.run, a.device, ema=a.ema)
     warn_unknown(g, prompts)
     t0 = time.perf_counter()
-    px = g.t2i(prompts, steps=a.steps, cfg_scale=a.cfg_scale, sampler=a.sampler, schedule=a.schedule, seed=a.seed,
-               batch_size=a.batch_size, progress=True)
+    px = g.t2i(prompts, steps=a.steps, cfg_scale=a.cfg_scale, sampler=a.sampler, schedule=a.schedule, shift=a.shift,
+               seed=a.seed, batch_size=a.batch_size, progress=True)
     secs = time.perf_counter() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -371,8 +382,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     prompt.append(a.prompt)
     doc = g.generate(prompt, max_new_tokens=a.max_new_tokens, force_images=a.force_image_at,
                      max_images=a.max_images, steps=a.steps, cfg_scale=a.cfg_scale, sampler=a.sampler,
-                     schedule=a.schedule, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-                     progress=True)
+                     schedule=a.schedule, shift=a.shift, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                     seed=a.seed, progress=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     segs, shown, k = [], [a.prompt], 0

@@ -49,7 +49,8 @@ def _forward(model, b, latents, t, s):
 def t2i_reference(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: tuple[int, int],
                   latent_dim: int, steps: int, sampler: str = "pushforward", cfg_scale: float = 1.0,
                   sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX, eps: float = 0.0, schedule: str = "uniform",
-                  generator: torch.Generator | None = None, device=None, null_prompt: str = "hidden") -> torch.Tensor:
+                  shift: float = 1.0, generator: torch.Generator | None = None, device=None,
+                  null_prompt: str = "hidden") -> torch.Tensor:
     """Text-to-image by full recomputation. prompts: B lists of text ids -> latents (B, N, C) float32, N = h*w.
 
     cfg_scale 1 runs no unconditional rows; the noise is drawn on CPU from `generator` (same seed, same output);
@@ -70,7 +71,7 @@ def t2i_reference(model, prompts: Sequence[Sequence[int]], special: SpecialIds, 
     noise_tok = b.kind == NOISE                                                      # (B', L)
     x = torch.randn((B, N, latent_dim), generator=generator, dtype=torch.float64) * sigma_d
     x = x.to(b.ids.device)
-    ts = imm.sampling_times(steps, T=T, eps=eps, schedule=schedule)                  # (steps+1,) float64
+    ts = imm.sampling_times(steps, T=T, eps=eps, schedule=schedule, shift=shift)     # (steps+1,) float64
     for i in range(steps):
         t_i, t_next = float(ts[i]), float(ts[i + 1])
         s_model = imm.sampler_s(sampler, t_i, t_next, eps)

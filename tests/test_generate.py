@@ -97,6 +97,17 @@ def test_t2i_cached_equals_reference(model, sampler, cfg_scale, null, prompts):
     assert err < TOL, err
 
 
+def test_t2i_time_shift_reaches_the_sampler(model):
+    """The shifted t-grid (imm.sampling_times(shift=)) runs the same in the cached sampler and the reference, and
+    changes the image (it is not dropped on the way)."""
+    kw = dict(grid=GRID, latent_dim=C, steps=3, sampler="restart", cfg_scale=2.0)
+    ref = t2i_reference(model, MIXED, SP, generator=gen(1), shift=3.0, **kw)
+    out = generate.t2i(model, MIXED, SP, generator=gen(1), shift=3.0, **kw)
+    plain = generate.t2i(model, MIXED, SP, generator=gen(1), **kw)
+    assert (out - ref).abs().max() < TOL
+    assert (out - plain).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("sampler", ["pushforward", "euler"])
 @pytest.mark.parametrize("pooled", [False, True], ids=["attention", "pooled"])
 def test_hidden_null_prompt_is_the_empty_caption(model, sampler, pooled):
@@ -406,6 +417,28 @@ def test_api_t2i_caption_generate(run_dir):
     assert sum(isinstance(s, Image) for s in doc.segments) == 2
     assert all(s.pixels.size == (8, 8) and s.latents.shape == (16, 12) for s in doc.segments if isinstance(s, Image))
     assert all(isinstance(s, (Text, Image)) for s in doc.segments) and doc.meta["prompt"] == "a red"
+
+
+def test_pipeline_samples_as_the_run_trained(run_dir):
+    """The run's objective.imm_sampler and objective.t_shift are the pipeline's defaults (the t-grid shifted as training
+    shifted its times); explicit arguments win; another schedule drops the default shift instead of failing."""
+    from dataclasses import replace
+
+    from nextx.checkpoint import load_for_inference
+    from nextx.infer import Pipeline
+
+    model, cfg, text_tok, image_tok, special = load_for_inference(run_dir / "r")
+    assert (Pipeline.from_model(model, cfg, text_tok, image_tok, special).shift, cfg.objective.t_shift) == (1.0, 1.0)
+    cfg = replace(cfg, objective=replace(cfg.objective, imm_sampler="restart", t_shift=3.0))
+    g = Pipeline.from_model(model, cfg, text_tok, image_tok, special)
+    assert (g.sampler, g.shift, g.steps) == ("restart", 3.0, 4)
+    kw = dict(steps=2, seed=0, batch_size=2)
+    default = g.t2i(["a red circle", "blue"], **kw)
+    assert torch.equal(default, g.t2i(["a red circle", "blue"], sampler="restart", shift=3.0, **kw))
+    assert not torch.equal(default, g.t2i(["a red circle", "blue"], shift=1.0, **kw))
+    assert g.t2i(["blue"], schedule="edm", **kw).shape == (1, 3, 8, 8)
+    with pytest.raises(ValueError, match="uniform schedule only"):
+        g.t2i(["blue"], schedule="edm", shift=3.0, **kw)
 
 
 def test_cli_help():

@@ -321,6 +321,16 @@ def test_sampling_times_uniform_by_hand():
     close(imm.sampling_times(2, eps=0.006), T(0.994, 0.5, 0.006), 1e-15)
 
 
+def test_sampling_times_shifted_by_hand():
+    # u = 1, .75, .5, .25, 0 -> shift 3: 3u / (1 + 2u) = 1, .9, .75, .5, 0 (by hand), times T = 0.994
+    close(imm.sampling_times(4, shift=3.0), T(0.994, 0.8946, 0.7455, 0.497, 0.0), 1e-15)
+    # eps = 0.1: t = eps + (T - eps) shift(u); u = .5 -> .75: 0.1 + 0.894 * 0.75 = 0.7705
+    close(imm.sampling_times(2, eps=0.1, shift=3.0), T(0.994, 0.7705, 0.1), 1e-15)
+    # shift 1 is the plain grid; a shift below 1 moves the steps toward the data
+    close(imm.sampling_times(4, shift=1.0), imm.sampling_times(4), 0.0)
+    assert (imm.sampling_times(4, shift=0.5)[1:-1] < imm.sampling_times(4)[1:-1]).all()
+
+
 def test_sampling_times_edm_by_hand():
     # N = 2, eps = 0: eta_1 = (eta_max^(1/7)/2)^7 = eta_max/128 = 165.6667/128 = 1.2942708, t = 0.5641316685584563
     close(imm.sampling_times(2, schedule="edm"), T(0.994, 0.5641316685584563, 0.0), 1e-9)
@@ -341,6 +351,10 @@ def test_sampling_times_rejects_bad_arguments():
         imm.sampling_times(0)
     with pytest.raises(ValueError):
         imm.sampling_times(2, schedule="karras")
+    with pytest.raises(ValueError, match="uniform schedule only"):
+        imm.sampling_times(2, schedule="edm", shift=3.0)
+    with pytest.raises(ValueError, match="time shift"):
+        imm.sampling_times(2, shift=0.0)
 
 
 def test_time_shift_moves_t_toward_noise():
