@@ -24,13 +24,6 @@ import torch
 
 from bench.train_throughput import SP, synthetic_batches
 from nextx.config import load_config
-from nextx.sequence import NOISE
-
-
-def generated_images(b) -> int:
-    """Images with a noise split in a Batch (distinct (row, image index) pairs of NOISE tokens)."""
-    rows, cols = torch.nonzero(b.kind == NOISE, as_tuple=True)
-    return len(set(zip(rows.tolist(), b.img[rows, cols].tolist())))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(8 if cfg.dist.compile else 3):  # compiled: both grad modes and every batch shape traced
         step(i)
     target_s.clear()
-    gen_images = statistics.mean(generated_images(b) for b in batches)
+    gen_images = statistics.mean(int(b.image_generate.sum()) for b in batches)  # as the trainer counts them
     times = [step(i) for i in range(a.steps)]
     med = statistics.median(times)
     print(f"{a.config}: median step {med * 1e3:.0f} ms over {a.steps} steps ({cfg.data.batch_rows}x"

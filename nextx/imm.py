@@ -300,11 +300,10 @@ def sampling_times(n_steps: int, *, T: float = T_MAX, eps: float = 0.0, schedule
         raise ValueError(f"need 0 <= eps < T < 1, got eps={eps}, T={T}")
     if shift != 1.0 and schedule != "uniform":
         raise ValueError(f"a time shift ({shift}) applies to the uniform schedule only, not {schedule!r}")
-    if schedule == "uniform" and shift != 1.0:
-        u = torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64)
-        ts = eps + (T - eps) * shift_time(u, shift)
-    elif schedule == "uniform":
+    if schedule == "uniform" and shift == 1.0:
         ts = torch.linspace(T, eps, n_steps + 1, dtype=torch.float64)
+    elif schedule == "uniform":  # the u-grid 1 .. 0 moved as sample_t_s moves its draws
+        ts = eps + (T - eps) * shift_time(torch.linspace(1.0, 0.0, n_steps + 1, dtype=torch.float64), shift)
     elif schedule == "edm":
         hi, lo = eta_of(T).item() ** (1 / rho), eta_of(eps).item() ** (1 / rho)
         i = torch.arange(n_steps + 1, dtype=torch.float64)

@@ -90,15 +90,20 @@ class Pipeline:
         o = cfg.objective
         flow = o.kind == "flow"
         return cls(model, text_tok, image_tok, special, device, sigma_d=o.sigma_d, T=o.T, eps=o.eps,
-                   sampler="euler" if flow else o.imm_sampler, steps=50 if flow else 4, cfg_scale=1.5 if o.cfg_drop > 0 else 1.0,
-                   null_prompt=o.null_prompt, shift=o.t_shift)
+                   sampler="euler" if flow else o.imm_sampler, steps=50 if flow else 4,
+                   cfg_scale=1.5 if o.cfg_drop > 0 else 1.0, null_prompt=o.null_prompt, shift=o.t_shift)
+
+    def grid_shift(self, schedule: str, shift: float | None = None) -> float:
+        """The time shift a sampler on `schedule` uses: `shift`, or the pipeline's default for the uniform schedule
+        (1 for another schedule; an explicit shift there is refused by `imm.sampling_times`)."""
+        if shift is not None:
+            return shift
+        return self.shift if schedule == "uniform" else 1.0
 
     def _image_kw(self, steps, cfg_scale, sampler, schedule, shift=None) -> dict:
-        """Sampler keywords: each None takes the pipeline's default; the default shift applies to the uniform
-        schedule only (an explicit shift with another schedule is refused by `imm.sampling_times`)."""
-        if shift is None:
-            shift = self.shift if schedule == "uniform" else 1.0
-        return dict(steps=steps or self.steps, sampler=sampler or self.sampler, schedule=schedule, shift=shift,
+        """Sampler keywords: each None takes the pipeline's default."""
+        return dict(steps=steps or self.steps, sampler=sampler or self.sampler, schedule=schedule,
+                    shift=self.grid_shift(schedule, shift),
                     sigma_d=self.sigma_d, T=self.T, eps=self.eps, null_prompt=self.null_prompt,
                     cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale)
 
@@ -271,9 +276,8 @@ def _settings(g: Pipeline, a: argparse.Namespace, image: bool) -> dict:
     s = {"run": str(a.run), "ema": a.ema, "device": str(g.device), "seed": a.seed}
     if image:
         s.update(steps=a.steps or g.steps, cfg_scale=g.cfg_scale if a.cfg_scale is None else a.cfg_scale,
-                 sampler=a.sampler or g.sampler, schedule=a.schedule,
-                 shift=g._image_kw(None, None, None, a.schedule, a.shift)["shift"], sigma_d=g.sigma_d, T=g.T,
-                 eps=g.eps)
+                 sampler=a.sampler or g.sampler, schedule=a.schedule, shift=g.grid_shift(a.schedule, a.shift),
+                 sigma_d=g.sigma_d, T=g.T, eps=g.eps)
     return s
 
 
