@@ -156,7 +156,8 @@ def score_with_chance(ims: list, captions: list[str], seed: int) -> dict:
         real, chance = score_t2i(sub, caps), score_t2i(sub, sh)
         return {"n": len(idx), "accuracy": real["accuracy"], "all_correct": real["all_correct"],
                 "chance_accuracy": chance["accuracy"], "chance_all_correct": chance["all_correct"],
-                **({"single_outcomes": real["single_outcomes"]} if outcomes else {})}
+                **({"single_outcomes": real["single_outcomes"], "single_one_by_cell": real["single_one_by_cell"]}
+                   if outcomes else {})}
 
     res = one(list(range(len(captions))), 0, outcomes=True)   # what was drawn for the one-object prompts: once
     n_obj = [len(parse_caption(c).nps) for c in captions]
@@ -212,7 +213,9 @@ def t2i_table(res: dict, sampler: str) -> str:
     if outs:
         lines.append("what was drawn for the one-object prompts (share of images), by steps:")
         for k, o in outs:
-            lines.append(f"{k:>5}  " + ", ".join(f"{name} {v:.2f}" for name, v in o.items()))
+            by_cell = res["t2i"][k].get("single_one_by_cell", {})
+            lines.append(f"{k:>5}  " + ", ".join(f"{name} {v:.2f}" for name, v in o.items())
+                         + "".join(f"; exactly one, {c} ({b['n']}): {b['one']:.2f}" for c, b in by_cell.items()))
     return "\n".join(lines)
 
 

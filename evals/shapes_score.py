@@ -284,11 +284,19 @@ def score_image(image: PILImage.Image | np.ndarray, caption: Caption | str) -> d
 
 def aggregate_t2i(results: Sequence[dict], captions: Sequence[Caption | str]) -> dict:
     """Per-fact accuracy (micro over atomic facts), share all-correct, all-correct share per category, the
-    same per-fact accuracy and all-correct share over the prompts naming n objects (`by_objects[n]`), and the share
-    of each `single_outcome` over the one-object prompts (`single_outcomes`)."""
+    same per-fact accuracy and all-correct share over the prompts naming n objects (`by_objects[n]`), the share
+    of each `single_outcome` over the one-object prompts (`single_outcomes`), and the share of one-object prompts
+    drawn as exactly one object, apart for prompts that state the cell and prompts that do not
+    (`single_one_by_cell`: {"cell stated" | "no cell": {n, one}}; a model trained only on captions that say where
+    may draw several objects when none is said)."""
     n_facts, n_ok, cat_n, cat_ok = Counter(), Counter(), Counter(), Counter()
     outcomes = Counter(r["outcome"] for r in results if r.get("outcome"))   # one-object prompts only
     n_single = sum(outcomes.values())
+    one_by_cell: dict[str, list[bool]] = {"cell stated": [], "no cell": []}   # exactly one object drawn, per kind
+    for r, c in zip(results, captions, strict=True):
+        cap = _as_caption(c)
+        if len(cap.nps) == 1:
+            one_by_cell["cell stated" if cap.nps[0].cell else "no cell"].append(r["n_objects"] == 1)
     by_n: dict[int, tuple[Counter, Counter, list]] = {}    # prompts with n objects: (facts, correct, all-correct)
     for r, c in zip(results, captions, strict=True):
         n_facts.update(r["n_facts"])
@@ -305,7 +313,8 @@ def aggregate_t2i(results: Sequence[dict], captions: Sequence[Caption | str]) ->
             "categories": {c: cat_ok[c] / cat_n[c] for c in CATEGORIES if cat_n[c]},
             "by_objects": {n: {"n": len(ac), "accuracy": {t: no[t] / nf[t] for t in FACT_TYPES if nf[t]},
                                "all_correct": float(np.mean(ac))} for n, (nf, no, ac) in sorted(by_n.items())},
-            "single_outcomes": {o: outcomes[o] / n_single for o in OUTCOMES} if n_single else {}}
+            "single_outcomes": {o: outcomes[o] / n_single for o in OUTCOMES} if n_single else {},
+            "single_one_by_cell": {k: {"n": len(v), "one": float(np.mean(v))} for k, v in one_by_cell.items() if v}}
 
 
 def score_t2i(images: Sequence[PILImage.Image | np.ndarray], captions: Sequence[Caption | str]) -> dict:

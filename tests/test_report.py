@@ -150,3 +150,7 @@ def test_eval_shapes_without_captions_and_the_unknown_word_warning(runs, capsys)
     assert (abs(sum(outs.values()) - 1) < 1e-9) if n1 else outs == {}
     assert ("what was drawn for the one-object prompts" in printed) == bool(n1)
     assert all("single_outcomes" not in rn for rn in r["t2i"]["1"]["by_objects"].values())
+    by_cell = r["t2i"]["1"]["single_one_by_cell"]
+    assert sum(b["n"] for b in by_cell.values()) == n1
+    for kind, b in by_cell.items():
+        assert f"exactly one, {kind} ({b['n']}): {b['one']:.2f}" in printed

@@ -279,3 +279,10 @@ def test_single_outcome_tells_the_failures_of_exactly_one_apart():
     assert agg["single_outcomes"] == {OUTCOMES[0]: .25, OUTCOMES[1]: .25, OUTCOMES[2]: .25, OUTCOMES[3]: 0.0,
                                       OUTCOMES[4]: .25}
     assert agg["by_objects"][1]["accuracy"]["count"] == .5     # "exactly one" is the first two outcomes
+    # exactly one, apart for prompts that state the cell and prompts that do not (2-object prompts not counted)
+    caps2 = ["a red circle in the top left", "a red circle", "a red circle", "a red circle in the center",
+             "a red circle and a blue square"]
+    agg2 = aggregate_t2i([score_objects(c, o) for c, o in zip(caps2, objs)], caps2)
+    assert agg2["single_one_by_cell"] == {"cell stated": {"n": 2, "one": 1.0}, "no cell": {"n": 2, "one": 0.0}}
+    agg3 = aggregate_t2i([score_objects(c, o) for c, o in zip(caps2[:1], objs[:1])], caps2[:1])
+    assert agg3["single_one_by_cell"] == {"cell stated": {"n": 1, "one": 1.0}}      # an empty kind is left out
