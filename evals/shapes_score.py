@@ -293,17 +293,16 @@ def aggregate_t2i(results: Sequence[dict], captions: Sequence[Caption | str]) ->
     outcomes = Counter(r["outcome"] for r in results if r.get("outcome"))   # one-object prompts only
     n_single = sum(outcomes.values())
     one_by_cell: dict[str, list[bool]] = {"cell stated": [], "no cell": []}   # exactly one object drawn, per kind
-    for r, c in zip(results, captions, strict=True):
-        cap = _as_caption(c)
-        if len(cap.nps) == 1:
-            one_by_cell["cell stated" if cap.nps[0].cell else "no cell"].append(r["n_objects"] == 1)
     by_n: dict[int, tuple[Counter, Counter, list]] = {}    # prompts with n objects: (facts, correct, all-correct)
     for r, c in zip(results, captions, strict=True):
+        cap = _as_caption(c)                               # parsed once per prompt
         n_facts.update(r["n_facts"])
         n_ok.update(r["n_correct"])
-        nf, no, ac = by_n.setdefault(len(_as_caption(c).nps), (Counter(), Counter(), []))
+        nf, no, ac = by_n.setdefault(len(cap.nps), (Counter(), Counter(), []))
         nf.update(r["n_facts"]), no.update(r["n_correct"]), ac.append(r["all_correct"])
-        for cat in categories(_as_caption(c)):
+        if len(cap.nps) == 1:
+            one_by_cell["cell stated" if cap.nps[0].cell else "no cell"].append(r["n_objects"] == 1)
+        for cat in categories(cap):
             cat_n[cat] += 1
             cat_ok[cat] += r["all_correct"]
     return {"n": len(results),
