@@ -44,13 +44,16 @@ def held_out_docs(cfg, n: int, split: str | None = None, shards: str | None = No
 @torch.no_grad()
 def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_scale: float, batch: int,
              seed: int, out: Path | None = None, sampler: str | None = None, shift: float | None = None, clip=None,
-             layout: bool = False, captions_too: bool = True) -> dict:
+             layout: bool = False, captions_too: bool = True, complete: int = 0, temperature: float = 1.0) -> dict:
     """Generate and score (module docstring). clip: an `evals.clip_align.Clip` to add CLIPScore of (prompt, image)
     per step count beside the real held-out images' and shuffled prompts', and CLIP similarity of (image, generated
     caption) beside (image, true caption). layout: also draw every prompt's image from another noise, and every noise
     under another (shuffled) prompt, and report how much the foregrounds overlap (`shapes_score.layout_overlap`):
     which of the two decides where things go. sampler, shift: the sampler and the time shift of its t-grid (None:
     the run's, `Pipeline.from_model`). captions_too=False: text-to-image only (res["caption"] is None).
+    complete > 0: the model first finishes each prompt in up to `complete` text tokens at `temperature`
+    (`Pipeline.t2i`); res["written"]: what it wrote per prompt (the same at every step count: the words are sampled
+    before the images' noise); the images are scored against the prompt alone.
     res["unknown_token_prompts"]: prompts holding <unk> (words the text tokenizer never saw in training)."""
     from evals.shapes_score import layout_overlap, score_captions
     from nextx.infer import Pipeline
@@ -63,13 +66,19 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     shuffled = captions[:]
     random.Random(seed).shuffle(shuffled)
     res: dict = {"n": len(docs), "sampler": sampler, "shift": shift, "cfg_scale": cfg_scale, "t2i": {},
+                 "complete": complete, "temperature": temperature if complete else None, "prompts": captions,
+                 "written": None,
                  "caption": None,
                  "unknown_token_prompts": sum(text_tok.unk_id in text_tok.encode(c) for c in captions)}
     grids: dict[int, list] = {}
     for k in steps_list:
         t0 = time.perf_counter()
-        ims = to_pil(pipe.t2i(captions, steps=k, sampler=sampler, shift=shift, cfg_scale=cfg_scale, seed=seed,
-                              batch_size=batch, progress=True))
+        px, written = pipe.t2i(captions, steps=k, sampler=sampler, shift=shift, cfg_scale=cfg_scale, seed=seed,
+                               batch_size=batch, progress=True, complete=complete, temperature=temperature,
+                               return_written=True)
+        ims = to_pil(px)
+        if complete:
+            res["written"] = written
         t_gen = time.perf_counter() - t0
         res["t2i"][k] = {**score_with_chance(ims, captions, seed), "seconds": time.perf_counter() - t0,
                          "gen_seconds": t_gen}
@@ -85,7 +94,8 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
             res["t2i"][k]["clipscore_shuffled"] = float(clip.score(ims, shuffled).mean())
             res["t2i"][k]["fd"] = frechet_distance(clip, [d.images[0].pixels for d in docs], ims)
         if layout:
-            kw = dict(steps=k, sampler=sampler, shift=shift, cfg_scale=cfg_scale, batch_size=batch)
+            kw = dict(steps=k, sampler=sampler, shift=shift, cfg_scale=cfg_scale, batch_size=batch,
+                      complete=complete, temperature=temperature)
             other_prompt = to_pil(pipe.t2i(shuffled, seed=seed, **kw))                # same noise, other prompt
             other_noise = to_pil(pipe.t2i(captions, seed=seed + 1, **kw))             # same prompt, other noise
             res["t2i"][k]["layout"] = {"same_noise_other_prompt": layout_overlap(ims, other_prompt),
@@ -122,7 +132,8 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
             res["clip"]["generated_caption_similarity"] = float(clip.score(real, gen_caps).mean())
     if out is not None and grids:
         cols = grid_columns(captions, N_GRID_COLS)
-        labelled_grid([[grids[k][i] for i in cols] for k in grids], [captions[i] for i in cols],
+        shown = [c + (f" + [{w}]" if w else "") for c, w in zip(captions, res["written"] or [""] * len(captions))]
+        labelled_grid([[grids[k][i] for i in cols] for k in grids], [shown[i] for i in cols],
                       [f"{k} step{'s' if k > 1 else ''}" for k in grids]).save(out / "t2i_grid.png")
         res["grid"] = str(out / "t2i_grid.png")
     return res
@@ -195,8 +206,10 @@ def labelled_grid(rows: list[list], col_labels: list[str], row_labels: list[str]
 def t2i_table(res: dict, sampler: str) -> str:
     """The text-to-image part of a result as text: all prompts, then per number of objects; chance in brackets."""
     grid = f", t-grid shift {res['shift']:g}" if res.get("shift", 1.0) != 1.0 else ""
-    lines = [f"text-to-image on {res['n']} held-out prompts ({sampler}{grid}, cfg {res['cfg_scale']}): fact accuracy "
-             "(chance = same images vs shuffled prompts)",
+    done = (f", each prompt first finished by the model in up to {res['complete']} tokens at temperature "
+            f"{res['temperature']:g}" if res.get("complete") else "")
+    lines = [f"text-to-image on {res['n']} held-out prompts ({sampler}{grid}, cfg {res['cfg_scale']}{done}): fact "
+             "accuracy of the prompt's own facts (chance = same images vs shuffled prompts)",
              f"{'steps':>5} {'prompts':>9} " + " ".join(f"{f:>13}" for f in FACTS) + f" {'all facts':>13}"]
 
     def row(k, label, r):
@@ -216,6 +229,10 @@ def t2i_table(res: dict, sampler: str) -> str:
             by_cell = res["t2i"][k].get("single_one_by_cell", {})
             lines.append(f"{k:>5}  " + ", ".join(f"{name} {v:.2f}" for name, v in o.items())
                          + "".join(f"; exactly one, {c} ({b['n']}): {b['one']:.2f}" for c, b in by_cell.items()))
+    if res.get("written"):
+        w = res["written"]
+        lines.append(f"the model added words to {sum(map(bool, w))} of {len(w)} prompts, e.g. " + "; ".join(
+            f"{c!r} + {x!r}" for c, x in [(c, x) for c, x in zip(res["prompts"], w) if x][:3]))
     return "\n".join(lines)
 
 
@@ -275,9 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-pretrained", default=None, help="local open_clip weights file for --clip NAME")
     p.add_argument("--no-captions", dest="captions", action="store_false", help="text-to-image only: skip "
                    "captioning the held-out images (faster)")
+    p.add_argument("--complete", type=int, default=0, help="let the model first finish each prompt in up to N text "
+                   "tokens (e.g. where the object goes, when the prompt does not say), then draw; scored on the "
+                   "prompt's own facts (default 0: draw at once)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --complete's words")
     p.add_argument("--layout", action="store_true", help="also measure what decides the layout: foreground overlap "
                    "of images from the same noise under another prompt, and of the same prompt from another noise")
     a = p.parse_args(argv)
+    if a.complete < 0 or a.temperature < 0:
+        p.error(f"--complete and --temperature must be >= 0, got {a.complete}, {a.temperature}")
     if a.n < 1 or a.batch < 1 or a.cfg_scale < 0:
         p.error(f"--n and --batch must be >= 1 and --cfg-scale >= 0, got {a.n}, {a.batch}, {a.cfg_scale}")
     if a.shift is not None and a.shift <= 0:
@@ -301,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     docs = held_out_docs(cfg, a.n, a.split, a.shards)
     res = run_eval(model, cfg, text_tok, image_tok, special, docs, steps, cfg_scale=a.cfg_scale, batch=a.batch,
                    seed=a.seed, out=out, sampler=a.sampler, shift=a.shift, clip=clip, layout=a.layout,
-                   captions_too=a.captions)
+                   captions_too=a.captions, complete=a.complete, temperature=a.temperature)
     (out / "eval.json").write_text(json.dumps(res, indent=2))
     print(format_table(res))
     print(f"-> {out / 'eval.json'}")

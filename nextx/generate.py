@@ -373,6 +373,30 @@ def t2i(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: t
 
 
 @torch.no_grad()
+def t2i_completed(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: tuple[int, int],
+                  latent_dim: int, complete: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None, device=None, **image_kw) -> tuple[torch.Tensor, list]:
+    """Text-to-image where the model may first finish the prompt: it writes up to `complete` text tokens after it
+    (sampled at `temperature`, top_k, top_p; never `<eos>` or a layout token) and stops where it samples `<boi>`;
+    then `t2i` draws from prompt + written words, all rows at once. What a prompt leaves open (where, how large) is
+    so chosen in words, by the model's own language model, before the image. prompts: B lists of text ids (no
+    <bos>); image_kw: `t2i`'s sampler keywords. The words are sampled from `generator` before the images' noise, so
+    they do not depend on the sampler. -> (latents (B, N, C) float32, B lists of the written ids, without `<boi>`)."""
+    if complete < 0:
+        raise ValueError(f"complete must be >= 0 text tokens, got {complete}")
+    written: list[list[int]] = [[] for _ in prompts]
+    if complete:
+        rows = generate(model, [[list(p)] for p in prompts], special, grid=grid, max_new_tokens=complete,
+                        temperature=temperature, top_k=top_k, top_p=top_p, stop=(special.boi,), draw_images=False,
+                        suppress=(special.pad, special.bos, special.eoi, special.eos), generator=generator,
+                        device=device)
+        written = [[t for seg in segs for t in seg] for segs in rows]
+    x = t2i(model, [list(p) + w for p, w in zip(prompts, written)], special, grid=grid, latent_dim=latent_dim,
+            generator=generator, device=device, **image_kw)
+    return x, written
+
+
+@torch.no_grad()
 def caption(model, images: torch.Tensor, special: SpecialIds, *, grid: tuple[int, int], max_new_tokens: int = 32,
             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, suppress: Sequence[int] = (),
             generator: torch.Generator | None = None) -> list[list[int]]:

@@ -118,19 +118,25 @@ class Pipeline:
     @torch.no_grad()
     def t2i(self, prompts: Sequence[str], *, steps: int | None = None, cfg_scale: float | None = None,
             sampler: str | None = None, schedule: str = "uniform", shift: float | None = None, seed: int = 0,
-            batch_size: int = 16, progress: bool = False) -> torch.Tensor:
-        """Prompts -> images (B, 3, H, W) float32 in [0, 1] on CPU."""
+            batch_size: int = 16, progress: bool = False, complete: int = 0, temperature: float = 1.0,
+            return_written: bool = False):
+        """Prompts -> images (B, 3, H, W) float32 in [0, 1] on CPU. complete > 0: the model first finishes each
+        prompt in up to `complete` text tokens sampled at `temperature`, then draws (`generate.t2i_completed`);
+        return_written=True: -> (images, the B strings it wrote, "" where it opened the image at once)."""
         from tqdm import tqdm
 
         kw = self._image_kw(steps, cfg_scale, sampler, schedule, shift)
-        out = []
+        out, written = [], []
         for i in tqdm(range(0, len(prompts), batch_size), desc="t2i", disable=not progress):
             ids = [self.text_tok.encode(p) for p in prompts[i:i + batch_size]]
-            lat = generate.t2i(self.model, ids, self.special, grid=self.image_tok.grid,
-                               latent_dim=self.image_tok.token_dim, generator=torch.Generator().manual_seed(seed + i),
-                               **kw)
+            lat, w = generate.t2i_completed(self.model, ids, self.special, grid=self.image_tok.grid,
+                                            latent_dim=self.image_tok.token_dim, complete=complete,
+                                            temperature=temperature, generator=torch.Generator().manual_seed(seed + i),
+                                            **kw)
+            written += [self.text_tok.decode(x) for x in w]
             out.append(self.image_tok.decode(lat).cpu())
-        return torch.cat(out) if out else torch.zeros(0, 3, self.image_tok.image_size, self.image_tok.image_size)
+        ims = torch.cat(out) if out else torch.zeros(0, 3, self.image_tok.image_size, self.image_tok.image_size)
+        return (ims, written) if return_written else ims
 
     @torch.no_grad()
     def caption(self, images, *, max_new_tokens: int = 48, temperature: float = 0.0, top_k: int = 0,
@@ -291,14 +297,22 @@ def t2i_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output dir")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grid-cols", type=int, default=8)
+    p.add_argument("--complete", type=int, default=0, help="let the model first finish each prompt in up to N text "
+                   "tokens (what the prompt leaves open, e.g. where), then draw; what it wrote goes to settings.json "
+                   "and the output (default 0: draw at once)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --complete's words "
+                   "(0 = greedy)")
     a = p.parse_args(argv)
     _check(p, a)
+    if a.complete < 0:
+        p.error(f"--complete must be >= 0 text tokens, got {a.complete}")
     prompts = a.prompt or read_prompts(a.prompts_file)
     g = Pipeline.from_run(a.run, a.device, ema=a.ema)
     warn_unknown(g, prompts)
     t0 = time.perf_counter()
-    px = g.t2i(prompts, steps=a.steps, cfg_scale=a.cfg_scale, sampler=a.sampler, schedule=a.schedule, shift=a.shift,
-               seed=a.seed, batch_size=a.batch_size, progress=True)
+    px, written = g.t2i(prompts, steps=a.steps, cfg_scale=a.cfg_scale, sampler=a.sampler, schedule=a.schedule,
+                        shift=a.shift, seed=a.seed, batch_size=a.batch_size, progress=True, complete=a.complete,
+                        temperature=a.temperature, return_written=True)
     secs = time.perf_counter() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -311,6 +325,11 @@ def t2i_main(argv: list[str] | None = None) -> int:
     settings = {**_settings(g, a, True), "batch_size": a.batch_size, "seconds": round(secs, 3),
                 "images_per_second": round(len(ims) / secs, 3),
                 "images": [{"prompt": pr, "file": f} for pr, f in zip(prompts, files)]}
+    if a.complete:
+        settings.update(complete=a.complete, temperature=a.temperature)
+        for item, w in zip(settings["images"], written):
+            item["written"] = w
+            print(f"{item['file']}: {item['prompt']!r} + {w!r}")
     (out / "settings.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False))
     print(f"{len(ims)} image(s) in {secs:.2f} s -> {out}/ (grid.png, settings.json)")
     return 0

@@ -341,6 +341,44 @@ def test_stop_and_max_tokens(model):
     assert len(docs[0]) == 2 and docs[0][0][-1] == SP.boi and docs[0][1].shape == (N, C)
 
 
+
+@pytest.mark.parametrize("boi_bias", [100.0, -100.0, 0.0], ids=["opens-at-once", "forced-open", "free"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_t2i_completed_draws_what_it_wrote(model, boi_bias, temperature):
+    """The model first finishes the prompt, then draws: the words are those `generate` writes until <boi> (at most
+    `complete`, never <eos> or a layout token), and the image equals `t2i` of prompt + words from the generator's
+    state after the words; a model that wants <boi> writes nothing, one that never samples it writes `complete`."""
+    m = copy.deepcopy(model)
+    bias = torch.zeros(V)
+    bias[SP.boi] = boi_bias
+    bias[SP.eos] = 50.0                                    # suppressed: a completion never ends the document
+    m.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    kw = dict(grid=GRID, latent_dim=C, steps=2, sampler="restart", cfg_scale=2.0)
+    g = gen(4)
+    lat, written = generate.t2i_completed(m, MIXED, SP, complete=3, temperature=temperature, generator=g, **kw)
+    assert lat.shape == (len(MIXED), N, C) and len(written) == len(MIXED)
+    assert all(len(w) <= 3 and not set(w) & {SP.pad, SP.bos, SP.eos, SP.boi, SP.eoi} for w in written)
+    if boi_bias > 0:
+        assert written == [[], [], []]
+    elif boi_bias < 0:
+        assert [len(w) for w in written] == [3, 3, 3]
+    g2 = gen(4)
+    words = generate.generate(m, [[p] for p in MIXED], SP, grid=GRID, max_new_tokens=3, temperature=temperature,
+                              stop=(SP.boi,), draw_images=False, suppress=(SP.pad, SP.bos, SP.eoi, SP.eos),
+                              generator=g2)
+    assert written == [[t for seg in d for t in seg] for d in words]
+    ref = generate.t2i(m, [p + w for p, w in zip(MIXED, written)], SP, generator=g2, **kw)
+    err = (lat - ref).abs().max()
+    _note("t2i after the model's own words vs t2i of prompt + words", err)
+    assert err < TOL, err
+    same, _ = generate.t2i_completed(m, MIXED, SP, complete=0, generator=gen(4), **kw)
+    assert torch.equal(same, generate.t2i(m, MIXED, SP, generator=gen(4), **kw))
+
+
+def test_t2i_completed_refuses_a_negative_budget(model):
+    with pytest.raises(ValueError, match="complete must be >= 0"):
+        generate.t2i_completed(model, [[5]], SP, grid=GRID, latent_dim=C, complete=-1, steps=1)
+
 # ---- API and commands
 
 
@@ -411,6 +449,10 @@ def test_api_t2i_caption_generate(run_dir):
     ims = g.t2i(["a red circle", "blue", ""], steps=2, seed=0, batch_size=2)
     assert ims.shape == (3, 3, 8, 8) and 0 <= float(ims.min()) and float(ims.max()) <= 1
     assert torch.equal(ims, g.t2i(["a red circle", "blue", ""], steps=2, seed=0, batch_size=2))
+    done, written = g.t2i(["a red circle", "blue", ""], steps=2, seed=0, batch_size=2, complete=3,
+                          return_written=True)
+    assert done.shape == ims.shape and len(written) == 3 and all(isinstance(w, str) for w in written)
+    assert g.t2i(["blue"], steps=2, return_written=True)[1] == [""]
     caps = g.caption(ims, max_new_tokens=6)
     assert len(caps) == 3 and all(isinstance(c, str) for c in caps)
     doc = g.generate("a red", max_new_tokens=6, force_images=(0, 3))
@@ -459,6 +501,11 @@ def test_cli_t2i_caption_generate(run_dir, tmp_path, capsys):
     s = json.loads((tmp_path / "t2i" / "settings.json").read_text())
     assert [x["prompt"] for x in s["images"]] == ["a red circle", "blue star"] and s["steps"] == 2
     assert (tmp_path / "t2i" / "000.png").is_file() and (tmp_path / "t2i" / "grid.png").is_file()
+    assert main(["t2i", str(run_dir / "r"), "--prompt", "a red", "--steps", "1", "--complete", "2", "--out",
+                 str(tmp_path / "t2c"), "--device", "cpu"]) == 0
+    s = json.loads((tmp_path / "t2c" / "settings.json").read_text())
+    assert s["complete"] == 2 and isinstance(s["images"][0]["written"], str)
+    assert "'a red' + " in capsys.readouterr().out
     imgs = [str(run_dir / "in0.png"), str(tmp_path / "t2i" / "001.png")]
     assert main(["caption", str(run_dir / "r"), *imgs, "--out", str(tmp_path / "c.json"), "--max-new-tokens", "4",
                  "--device", "cpu"]) == 0

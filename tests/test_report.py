@@ -154,3 +154,21 @@ def test_eval_shapes_without_captions_and_the_unknown_word_warning(runs, capsys)
     assert sum(b["n"] for b in by_cell.values()) == n1
     for kind, b in by_cell.items():
         assert f"exactly one, {kind} ({b['n']}): {b['one']:.2f}" in printed
+
+
+def test_eval_shapes_complete_scores_the_prompt_and_shows_the_words(runs, capsys):
+    """`--complete N`: the model first finishes each prompt (at most N tokens), then draws; eval.json keeps the
+    prompts and what was written (one string each), the table says so, and the scores are of the prompts' own facts
+    (the chance rows are the same images against shuffled prompts)."""
+    from evals.shapes_eval import main
+
+    out = runs / "complete"
+    assert main([str(runs / "runs" / "imm"), "--n", "4", "--steps", "1,2", "--no-captions", "--complete", "3",
+                 "--out", str(out)]) == 0
+    r = json.loads((out / "eval.json").read_text())
+    assert r["complete"] == 3 and r["temperature"] == 1.0 and len(r["prompts"]) == len(r["written"]) == 4
+    assert all(isinstance(w, str) and len(w.split()) <= 3 for w in r["written"])
+    assert "each prompt first finished by the model in up to 3 tokens" in capsys.readouterr().out
+    assert (out / "t2i_grid.png").is_file() and r["t2i"]["1"]["n"] == 4
+    with pytest.raises(SystemExit):
+        main([str(runs / "runs" / "imm"), "--complete", "-1"])
