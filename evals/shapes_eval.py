@@ -42,9 +42,28 @@ def held_out_docs(cfg, n: int, split: str | None = None, shards: str | None = No
 
 
 @torch.no_grad()
+def noun_phrases(caption: str) -> str | list[str]:
+    """A caption of the shapes language -> its noun phrases as captions of their own (size, colour, shape and cell
+    kept; a relation dropped), or the caption itself when it names one object. E.g. "a red circle above a blue
+    square" -> ["a red circle", "a blue square"]."""
+    from data_tools.shapes import Caption, format_caption, parse_caption
+
+    nps = parse_caption(caption).nps
+    return caption if len(nps) == 1 else [format_caption(Caption((n,))) for n in nps]
+
+
+def shown_prompt(caption: str, drawn, written) -> str:
+    """The grid's label: what the model was given (the caption, or its parts joined by AND), each with the words
+    the model added in brackets."""
+    if isinstance(drawn, str):
+        return caption + (f" + [{written}]" if written else "")
+    return " AND ".join(p + (f" + [{x}]" if x else "") for p, x in zip(drawn, written or [""] * len(drawn)))
+
+
 def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_scale: float, batch: int,
              seed: int, out: Path | None = None, sampler: str | None = None, shift: float | None = None, clip=None,
-             layout: bool = False, captions_too: bool = True, complete: int = 0, temperature: float = 1.0) -> dict:
+             layout: bool = False, captions_too: bool = True, complete: int = 0, temperature: float = 1.0,
+             compose: bool = False) -> dict:
     """Generate and score (module docstring). clip: an `evals.clip_align.Clip` to add CLIPScore of (prompt, image)
     per step count beside the real held-out images' and shuffled prompts', and CLIP similarity of (image, generated
     caption) beside (image, true caption). layout: also draw every prompt's image from another noise, and every noise
@@ -53,7 +72,9 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     the run's, `Pipeline.from_model`). captions_too=False: text-to-image only (res["caption"] is None).
     complete > 0: the model first finishes each prompt in up to `complete` text tokens at `temperature`
     (`Pipeline.t2i`); res["written"]: what it wrote per prompt (the same at every step count: the words are sampled
-    before the images' noise); the images are scored against the prompt alone.
+    before the images' noise); the images are scored against the prompt alone. compose: a prompt of several noun
+    phrases is drawn as one image composed of them (`noun_phrases`; relation words are not given to the model),
+    each phrase completed on its own; res["drawn_as"]: what the model was given per prompt.
     res["unknown_token_prompts"]: prompts holding <unk> (words the text tokenizer never saw in training)."""
     from evals.shapes_score import layout_overlap, score_captions
     from nextx.infer import Pipeline
@@ -63,17 +84,19 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     sampler = sampler or pipe.sampler
     shift = pipe.shift if shift is None else shift
     captions = [d.texts[0] for d in docs]
+    as_drawn = noun_phrases if compose else (lambda c: c)
+    drawn = [as_drawn(c) for c in captions]
     shuffled = captions[:]
     random.Random(seed).shuffle(shuffled)
     res: dict = {"n": len(docs), "sampler": sampler, "shift": shift, "cfg_scale": cfg_scale, "t2i": {},
                  "complete": complete, "temperature": temperature if complete else None, "prompts": captions,
-                 "written": None,
+                 "written": None, "compose": compose, "drawn_as": drawn if compose else None,
                  "caption": None,
                  "unknown_token_prompts": sum(text_tok.unk_id in text_tok.encode(c) for c in captions)}
     grids: dict[int, list] = {}
     for k in steps_list:
         t0 = time.perf_counter()
-        px, written = pipe.t2i(captions, steps=k, sampler=sampler, shift=shift, cfg_scale=cfg_scale, seed=seed,
+        px, written = pipe.t2i(drawn, steps=k, sampler=sampler, shift=shift, cfg_scale=cfg_scale, seed=seed,
                                batch_size=batch, progress=True, complete=complete, temperature=temperature,
                                return_written=True)
         ims = to_pil(px)
@@ -96,8 +119,8 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
         if layout:
             kw = dict(steps=k, sampler=sampler, shift=shift, cfg_scale=cfg_scale, batch_size=batch,
                       complete=complete, temperature=temperature)
-            other_prompt = to_pil(pipe.t2i(shuffled, seed=seed, **kw))                # same noise, other prompt
-            other_noise = to_pil(pipe.t2i(captions, seed=seed + 1, **kw))             # same prompt, other noise
+            other_prompt = to_pil(pipe.t2i([as_drawn(c) for c in shuffled], seed=seed, **kw))  # same noise
+            other_noise = to_pil(pipe.t2i(drawn, seed=seed + 1, **kw))                # same prompt, other noise
             res["t2i"][k]["layout"] = {"same_noise_other_prompt": layout_overlap(ims, other_prompt),
                                        "same_prompt_other_noise": layout_overlap(ims, other_noise)}
         grids[k] = ims
@@ -132,7 +155,7 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
             res["clip"]["generated_caption_similarity"] = float(clip.score(real, gen_caps).mean())
     if out is not None and grids:
         cols = grid_columns(captions, N_GRID_COLS)
-        shown = [c + (f" + [{w}]" if w else "") for c, w in zip(captions, res["written"] or [""] * len(captions))]
+        shown = [shown_prompt(c, d, w) for c, d, w in zip(captions, drawn, res["written"] or [None] * len(drawn))]
         labelled_grid([[grids[k][i] for i in cols] for k in grids], [shown[i] for i in cols],
                       [f"{k} step{'s' if k > 1 else ''}" for k in grids]).save(out / "t2i_grid.png")
         res["grid"] = str(out / "t2i_grid.png")
@@ -206,8 +229,10 @@ def labelled_grid(rows: list[list], col_labels: list[str], row_labels: list[str]
 def t2i_table(res: dict, sampler: str) -> str:
     """The text-to-image part of a result as text: all prompts, then per number of objects; chance in brackets."""
     grid = f", t-grid shift {res['shift']:g}" if res.get("shift", 1.0) != 1.0 else ""
-    done = (f", each prompt first finished by the model in up to {res['complete']} tokens at temperature "
-            f"{res['temperature']:g}" if res.get("complete") else "")
+    done = (", each prompt of several objects drawn as its noun phrases composed (relation words not given)"
+            if res.get("compose") else "")
+    done += (f", each prompt{' part' if res.get('compose') else ''} first finished by the model in up to "
+             f"{res['complete']} tokens at temperature {res['temperature']:g}" if res.get("complete") else "")
     lines = [f"text-to-image on {res['n']} held-out prompts ({sampler}{grid}, cfg {res['cfg_scale']}{done}): fact "
              "accuracy of the prompt's own facts (chance = same images vs shuffled prompts)",
              f"{'steps':>5} {'prompts':>9} " + " ".join(f"{f:>13}" for f in FACTS) + f" {'all facts':>13}"]
@@ -231,8 +256,9 @@ def t2i_table(res: dict, sampler: str) -> str:
                          + "".join(f"; exactly one, {c} ({b['n']}): {b['one']:.2f}" for c, b in by_cell.items()))
     if res.get("written"):
         w = res["written"]
-        lines.append(f"the model added words to {sum(map(bool, w))} of {len(w)} prompts, e.g. " + "; ".join(
-            f"{c!r} + {x!r}" for c, x in [(c, x) for c, x in zip(res["prompts"], w) if x][:3]))
+        added = [(c, x) for c, x in zip(res["prompts"], w) if (any(x) if isinstance(x, list) else x)]
+        lines.append(f"the model added words to {len(added)} of {len(w)} prompts, e.g. " + "; ".join(
+            f"{c!r} + {x!r}" for c, x in added[:3]))
     return "\n".join(lines)
 
 
@@ -296,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                    "tokens (e.g. where the object goes, when the prompt does not say), then draw; scored on the "
                    "prompt's own facts (default 0: draw at once)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --complete's words")
+    p.add_argument("--compose", action="store_true", help="draw a prompt of several objects as its noun phrases, "
+                   "one image guided by each (composed guidance; a relation word is not given to the model); "
+                   "scored against the whole prompt")
     p.add_argument("--layout", action="store_true", help="also measure what decides the layout: foreground overlap "
                    "of images from the same noise under another prompt, and of the same prompt from another noise")
     a = p.parse_args(argv)
@@ -324,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     docs = held_out_docs(cfg, a.n, a.split, a.shards)
     res = run_eval(model, cfg, text_tok, image_tok, special, docs, steps, cfg_scale=a.cfg_scale, batch=a.batch,
                    seed=a.seed, out=out, sampler=a.sampler, shift=a.shift, clip=clip, layout=a.layout,
-                   captions_too=a.captions, complete=a.complete, temperature=a.temperature)
+                   captions_too=a.captions, complete=a.complete, temperature=a.temperature, compose=a.compose)
     (out / "eval.json").write_text(json.dumps(res, indent=2))
     print(format_table(res))
     print(f"-> {out / 'eval.json'}")

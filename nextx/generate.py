@@ -277,16 +277,38 @@ def _check_sampler(sampler: str, steps: int) -> None:
         raise ValueError(f"steps must be >= 1, got {steps}")
 
 
+def composed_guidance(g_cond: torch.Tensor, g_uncond: torch.Tensor, image_of: torch.Tensor, n_images: int,
+                      cfg_scale: float) -> torch.Tensor:
+    """Guidance over the parts of a prompt (composable diffusion, Liu et al. 2022), one output per image:
+    G_i = G_u + w Σ_{p of image i} (G_c,p − G_u,p). g_cond, g_uncond: (R, ...) per part row; image_of: (R,) int64,
+    the image of each row, every image in 0..n_images-1 holding at least one row; the unconditional rows of one image
+    see the same hidden prompt, so its first row's G_u stands for all. One part per image is plain guidance,
+    G_u + w (G_c − G_u). -> (n_images, ...)."""
+    R = len(image_of)
+    first = torch.full((n_images,), R, dtype=torch.int64, device=image_of.device).scatter_reduce(
+        0, image_of, torch.arange(R, device=image_of.device), reduce="amin")                # each image's first row
+    if bool((first == R).any()):
+        raise ValueError(f"image_of must give every image 0..{n_images - 1} at least one part, got {image_of.tolist()}")
+    delta = torch.zeros((n_images, *g_cond.shape[1:]), dtype=g_cond.dtype, device=g_cond.device)
+    return g_uncond[first] + delta.index_add_(0, image_of, cfg_scale * (g_cond - g_uncond))
+
+
 def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, steps: int,
            sampler: str = "pushforward", cfg_scale: float = 1.0, sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX,
            eps: float = 0.0, schedule: str = "uniform", shift: float = 1.0,
-           generator: torch.Generator | None = None):
-    """Draw one image for each of `rows`, whose cache ends with the image's `<boi>`. -> (x (R, N, C) float32,
-    x0 (R, N, C) float64: the initial noise). The cache is read, never written (the caller commits x)."""
+           generator: torch.Generator | None = None, image_of: Sequence[int] | None = None):
+    """Draw one image for each of `rows`, whose cache ends with the image's `<boi>`. -> (x (I, N, C) float32,
+    x0 (I, N, C) float64: the initial noise). The cache is read, never written (the caller commits x).
+    image_of: the image (0..I-1) each row is a part of (None: one image per row, I = R); an image of several
+    parts is drawn with `composed_guidance` at cfg_scale (then the cache needs its unconditional rows even at 1)."""
     _check_sampler(sampler, steps)
-    guide = cfg_scale != 1.0
+    mapped = image_of is not None
+    if mapped and sorted(set(image_of)) != list(range(len(set(image_of)))):
+        raise ValueError(f"image_of must number the images 0..I-1, each with at least one row; got {list(image_of)}")
+    guide = cfg_scale != 1.0 or (mapped and len(set(image_of)) < len(image_of))
     if guide and not cache.guided:
-        raise ValueError("cfg_scale != 1 needs a cache built with guidance (unconditional rows)")
+        raise ValueError("guidance (cfg_scale != 1, or an image of several parts) needs a cache built with "
+                         "unconditional rows")
     dev = cache.doc.device
     B, R, C = cache.rows, len(rows), model.latent_dim
     N = grid[0] * grid[1]
@@ -314,19 +336,26 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
     no_text = torch.zeros(R2, N, dtype=torch.bool, device=dev)
     ctx = cache.text_context(rows, guide) if getattr(model, "text_mlp", None) is not None else None
 
-    x0 = torch.randn((R, N, C), generator=generator, dtype=torch.float64) * sigma_d
+    img_of = torch.tensor(list(image_of) if image_of is not None else range(R), dtype=torch.int64, device=dev)
+    n_img = int(img_of.max()) + 1 if R else 0
+    x0 = torch.randn((n_img, N, C), generator=generator, dtype=torch.float64) * sigma_d
     x = x0.to(dev)
     ts = imm.sampling_times(steps, T=T, eps=eps, schedule=schedule, shift=shift)  # (steps + 1,) float64
     for i in range(steps):
         t_i, t_next = float(ts[i]), float(ts[i + 1])
         s_model = imm.sampler_s(sampler, t_i, t_next, eps)
-        xx = torch.cat([x, x]) if guide else x
+        xr = x[img_of] if mapped else x                                           # each part row sees its image
+        xx = torch.cat([xr, xr]) if guide else xr
         t = torch.full((R2,), t_i, device=dev)
         s = torch.full((R2,), s_model, device=dev)
         G = model(ModelInput(ids, kq, pos, pos2d, xx.float(), img, t, s, mask, ctx=ctx), past=past,
                   text_mask=no_text).latent_out.double()
-        if guide:
+        if guide and mapped:
+            G = composed_guidance(G[:R], G[R:], img_of, n_img, cfg_scale)
+        elif guide:
             G = G[R:] + cfg_scale * (G[:R] - G[R:])                                # G_u + w (G_c - G_u)
+        elif mapped:                                                               # one row per image, reordered
+            G = torch.empty_like(x).index_copy_(0, img_of, G)
         e = None
         if sampler == "restart" and i + 1 < steps:                                 # re-noise with fresh e'
             e = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(dev) * sigma_d
@@ -356,19 +385,26 @@ def _on_sdpa(fn):
 def t2i(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: tuple[int, int], latent_dim: int,
         steps: int, sampler: str = "pushforward", cfg_scale: float = 1.0, sigma_d: float = imm.SIGMA_D,
         T: float = imm.T_MAX, eps: float = 0.0, schedule: str = "uniform", shift: float = 1.0,
-        generator: torch.Generator | None = None, device=None, null_prompt: str = "hidden") -> torch.Tensor:
+        generator: torch.Generator | None = None, device=None, null_prompt: str = "hidden",
+        image_of: Sequence[int] | None = None) -> torch.Tensor:
     """Text-to-image, cached. prompts: B lists of text ids (no <bos>) -> latents (B, N, C) float32.
 
     Same arguments and numbers as `tests/oracles.t2i_reference`: prefill `<bos> prompt <boi>` for all rows in one
-    forward (two halves with guidance), then `steps` forwards of the noise splits only."""
+    forward (two halves with guidance), then `steps` forwards of the noise splits only.
+    image_of: prompts as parts of I images (the image of each prompt, 0..I-1), drawn with `composed_guidance`:
+    -> (I, N, C)."""
     _check_sampler(sampler, steps)
     if latent_dim != model.latent_dim:
         raise ValueError(f"latent_dim={latent_dim} but the model has {model.latent_dim}")
-    cache = Cache.empty(len(prompts), cfg_scale != 1.0, special.pad, _device(model, device), null_prompt)
+    if image_of is not None and len(image_of) != len(prompts):
+        raise ValueError(f"image_of has {len(image_of)} entries for {len(prompts)} prompts")
+    composed = image_of is not None and len(set(image_of)) < len(image_of)
+    cache = Cache.empty(len(prompts), cfg_scale != 1.0 or composed, special.pad, _device(model, device), null_prompt)
     _append(model, cache, [prompt_piece([list(p)], special, open_image=True) for p in prompts], special, left=True,
             want_logits=False)
     x, _ = refine(model, cache, list(range(len(prompts))), grid, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                  sigma_d=sigma_d, T=T, eps=eps, schedule=schedule, shift=shift, generator=generator)
+                  sigma_d=sigma_d, T=T, eps=eps, schedule=schedule, shift=shift, generator=generator,
+                  image_of=image_of)
     return x
 
 

@@ -116,24 +116,32 @@ class Pipeline:
         return pil_to_tensor(list(images), self.image_tok.image_size).to(self.device)
 
     @torch.no_grad()
-    def t2i(self, prompts: Sequence[str], *, steps: int | None = None, cfg_scale: float | None = None,
+    def t2i(self, prompts: Sequence[str | Sequence[str]], *, steps: int | None = None, cfg_scale: float | None = None,
             sampler: str | None = None, schedule: str = "uniform", shift: float | None = None, seed: int = 0,
             batch_size: int = 16, progress: bool = False, complete: int = 0, temperature: float = 1.0,
             return_written: bool = False):
-        """Prompts -> images (B, 3, H, W) float32 in [0, 1] on CPU. complete > 0: the model first finishes each
-        prompt in up to `complete` text tokens sampled at `temperature`, then draws (`generate.t2i_completed`);
-        return_written=True: -> (images, the B strings it wrote, "" where it opened the image at once)."""
+        """Prompts -> images (B, 3, H, W) float32 in [0, 1] on CPU. A prompt given as a list of strings is drawn
+        as one image composed of its parts (`generate.composed_guidance` at the guidance scale: each part, e.g. one
+        object, guides the same image). complete > 0: the model first finishes each prompt (each part) in up to
+        `complete` text tokens sampled at `temperature`, then draws (`generate.t2i_completed`); return_written=True:
+        -> (images, what it wrote: per prompt a string, "" where it opened the image at once, or per part a list)."""
         from tqdm import tqdm
 
         kw = self._image_kw(steps, cfg_scale, sampler, schedule, shift)
         out, written = [], []
         for i in tqdm(range(0, len(prompts), batch_size), desc="t2i", disable=not progress):
-            ids = [self.text_tok.encode(p) for p in prompts[i:i + batch_size]]
+            batch = prompts[i:i + batch_size]
+            parts = [[p] if isinstance(p, str) else list(p) for p in batch]
+            if any(not q for q in parts):
+                raise ValueError("a composed prompt needs at least one part, got an empty list")
+            image_of = [j for j, q in enumerate(parts) for _ in q]
+            ids = [self.text_tok.encode(x) for q in parts for x in q]
             lat, w = generate.t2i_completed(self.model, ids, self.special, grid=self.image_tok.grid,
                                             latent_dim=self.image_tok.token_dim, complete=complete,
                                             temperature=temperature, generator=torch.Generator().manual_seed(seed + i),
-                                            **kw)
-            written += [self.text_tok.decode(x) for x in w]
+                                            image_of=image_of if len(ids) > len(batch) else None, **kw)
+            w = iter(self.text_tok.decode(x) for x in w)
+            written += [next(w) if isinstance(p, str) else [next(w) for _ in p] for p in batch]
             out.append(self.image_tok.decode(lat).cpu())
         ims = torch.cat(out) if out else torch.zeros(0, 3, self.image_tok.image_size, self.image_tok.image_size)
         return (ims, written) if return_written else ims

@@ -379,6 +379,37 @@ def test_t2i_completed_refuses_a_negative_budget(model):
     with pytest.raises(ValueError, match="complete must be >= 0"):
         generate.t2i_completed(model, [[5]], SP, grid=GRID, latent_dim=C, complete=-1, steps=1)
 
+
+def test_composed_guidance_by_hand():
+    """G_i = G_u(first part of i) + w sum over i's parts of (G_c - G_u), computed by hand."""
+    gc = torch.tensor([[1.0], [3.0], [5.0]])
+    gu = torch.tensor([[0.5], [0.5], [1.0]])
+    out = generate.composed_guidance(gc, gu, torch.tensor([0, 0, 1]), 2, 2.0)
+    assert out.tolist() == [[0.5 + 2 * (0.5 + 2.5)], [1.0 + 2 * 4.0]]
+    assert generate.composed_guidance(gc, gu, torch.tensor([1, 0, 1]), 2, 2.0).tolist() == [[0.5 + 2 * 2.5], [0.5 + 2 * (0.5 + 4.0)]]
+    with pytest.raises(ValueError, match="at least one part"):
+        generate.composed_guidance(gc, gu, torch.tensor([0, 0, 2]), 3, 2.0)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_t2i_composed_prompts(model, cfg_scale):
+    """Parts of one image: a prompt given twice as two parts is plain guidance at twice the scale (from the same
+    noise); one part per image in another order is the same images as t2i of the reordered prompts."""
+    kw = dict(grid=GRID, latent_dim=C, steps=2, sampler="restart")
+    twice = generate.t2i(model, [[5, 6], [5, 6]], SP, image_of=[0, 0], cfg_scale=cfg_scale, generator=gen(3), **kw)
+    once = generate.t2i(model, [[5, 6]], SP, cfg_scale=2 * cfg_scale, generator=gen(3), **kw)
+    assert twice.shape == (1, N, C) and (twice - once).abs().max() < TOL
+    swapped = generate.t2i(model, [[5, 6], [7, 8, 9]], SP, image_of=[1, 0], cfg_scale=cfg_scale, generator=gen(3), **kw)
+    ref = generate.t2i(model, [[7, 8, 9], [5, 6]], SP, cfg_scale=cfg_scale, generator=gen(3), **kw)
+    assert (swapped - ref).abs().max() < TOL
+    two = generate.t2i(model, [[5, 6], [7, 8, 9], [10]], SP, image_of=[0, 0, 1], cfg_scale=cfg_scale,
+                       generator=gen(3), **kw)
+    assert two.shape == (2, N, C) and (two[0] - once[0]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="number the images"):
+        generate.t2i(model, [[5], [6]], SP, image_of=[0, 2], cfg_scale=cfg_scale, **kw)
+    with pytest.raises(ValueError, match="entries for"):
+        generate.t2i(model, [[5], [6]], SP, image_of=[0], cfg_scale=cfg_scale, **kw)
+
 # ---- API and commands
 
 
@@ -453,6 +484,12 @@ def test_api_t2i_caption_generate(run_dir):
                           return_written=True)
     assert done.shape == ims.shape and len(written) == 3 and all(isinstance(w, str) for w in written)
     assert g.t2i(["blue"], steps=2, return_written=True)[1] == [""]
+    mixed, written = g.t2i([["a red circle", "blue"], "a red circle"], steps=2, seed=0, complete=2,
+                           return_written=True)
+    assert mixed.shape == (2, 3, 8, 8) and isinstance(written[0], list) and len(written[0]) == 2
+    assert isinstance(written[1], str)
+    with pytest.raises(ValueError, match="at least one part"):
+        g.t2i([[]], steps=1)
     caps = g.caption(ims, max_new_tokens=6)
     assert len(caps) == 3 and all(isinstance(c, str) for c in caps)
     doc = g.generate("a red", max_new_tokens=6, force_images=(0, 3))

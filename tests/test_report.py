@@ -172,3 +172,22 @@ def test_eval_shapes_complete_scores_the_prompt_and_shows_the_words(runs, capsys
     assert (out / "t2i_grid.png").is_file() and r["t2i"]["1"]["n"] == 4
     with pytest.raises(SystemExit):
         main([str(runs / "runs" / "imm"), "--complete", "-1"])
+
+
+def test_eval_shapes_compose_draws_noun_phrases(runs, capsys):
+    """`--compose`: a prompt of several objects is given to the model as its noun phrases (relation dropped), each
+    completed on its own with --complete; eval.json keeps what was drawn and written per prompt."""
+    from evals.shapes_eval import main, noun_phrases
+
+    assert noun_phrases("a red circle above a small blue square") == ["a red circle", "a small blue square"]
+    assert noun_phrases("a red circle in the top left, a blue ring and a large green star") == \
+        ["a red circle in the top left", "a blue ring", "a large green star"]
+    assert noun_phrases("a white diamond") == "a white diamond"
+    out = runs / "compose"
+    assert main([str(runs / "runs" / "imm"), "--n", "4", "--steps", "1", "--no-captions", "--compose", "--complete",
+                 "2", "--out", str(out)]) == 0
+    r = json.loads((out / "eval.json").read_text())
+    assert r["compose"] and len(r["drawn_as"]) == 4 and any(isinstance(d, list) for d in r["drawn_as"])
+    for d, w, p in zip(r["drawn_as"], r["written"], r["prompts"]):
+        assert (d == p and isinstance(w, str)) or (d == noun_phrases(p) and len(w) == len(d))
+    assert "drawn as its noun phrases composed" in capsys.readouterr().out
