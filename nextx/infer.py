@@ -310,6 +310,8 @@ def t2i_main(argv: list[str] | None = None) -> int:
                    "and the output (default 0: draw at once)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --complete's words "
                    "(0 = greedy)")
+    p.add_argument("--compose", action="store_true", help="a prompt 'A AND B' is one image guided by each part "
+                   "(composed guidance at --cfg-scale), e.g. one object per part")
     a = p.parse_args(argv)
     _check(p, a)
     if a.complete < 0:
@@ -318,7 +320,10 @@ def t2i_main(argv: list[str] | None = None) -> int:
     g = Pipeline.from_run(a.run, a.device, ema=a.ema)
     warn_unknown(g, prompts)
     t0 = time.perf_counter()
-    px, written = g.t2i(prompts, steps=a.steps, cfg_scale=a.cfg_scale, sampler=a.sampler, schedule=a.schedule,
+    drawn = [[x.strip() for x in pr.split(" AND ")] if a.compose and " AND " in pr else pr for pr in prompts]
+    if any(not x for d in drawn if isinstance(d, list) for x in d):
+        p.error("--compose: a prompt has an empty part around ' AND '")
+    px, written = g.t2i(drawn, steps=a.steps, cfg_scale=a.cfg_scale, sampler=a.sampler, schedule=a.schedule,
                         shift=a.shift, seed=a.seed, batch_size=a.batch_size, progress=True, complete=a.complete,
                         temperature=a.temperature, return_written=True)
     secs = time.perf_counter() - t0
@@ -333,6 +338,11 @@ def t2i_main(argv: list[str] | None = None) -> int:
     settings = {**_settings(g, a, True), "batch_size": a.batch_size, "seconds": round(secs, 3),
                 "images_per_second": round(len(ims) / secs, 3),
                 "images": [{"prompt": pr, "file": f} for pr, f in zip(prompts, files)]}
+    for item, d in zip(settings["images"], drawn):
+        if isinstance(d, list):
+            item["parts"] = d
+    if a.compose:
+        settings["compose"] = True
     if a.complete:
         settings.update(complete=a.complete, temperature=a.temperature)
         for item, w in zip(settings["images"], written):
