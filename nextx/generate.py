@@ -4,6 +4,8 @@ classifier-free guidance, captioning, interleaved text-image documents.
     x = t2i(model, prompts, special, grid=(h, w), latent_dim=C, steps=4, cfg_scale=1.5)   # (B, N, C) latents
     ids = caption(model, latents, special, grid=(h, w))                                    # B lists of text ids
     docs = generate(model, prompts, special, grid=(h, w), force_boi_at=(3,))               # B segment lists
+    x, words = t2i_completed(model, prompts, special, grid=(h, w), latent_dim=C, complete=8, steps=4)  # words first
+    x = t2i(model, [red_circle, blue_square], special, grid=(h, w), latent_dim=C, steps=4, image_of=[0, 0])  # composed
 
 `t2i` and `caption` take the arguments of the reference samplers in `tests/oracles.py` (full recomputation at every
 step) and return the same numbers (tests/test_generate.py); this module never re-runs a token it has cached.
@@ -303,6 +305,8 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
     parts is drawn with `composed_guidance` at cfg_scale (then the cache needs its unconditional rows even at 1)."""
     _check_sampler(sampler, steps)
     mapped = image_of is not None
+    if mapped and len(image_of) != len(rows):
+        raise ValueError(f"image_of has {len(image_of)} entries for {len(rows)} rows")
     if mapped and sorted(set(image_of)) != list(range(len(set(image_of)))):
         raise ValueError(f"image_of must number the images 0..I-1, each with at least one row; got {list(image_of)}")
     guide = cfg_scale != 1.0 or (mapped and len(set(image_of)) < len(image_of))
@@ -417,7 +421,8 @@ def t2i_completed(model, prompts: Sequence[Sequence[int]], special: SpecialIds, 
     then `t2i` draws from prompt + written words, all rows at once. What a prompt leaves open (where, how large) is
     so chosen in words, by the model's own language model, before the image. prompts: B lists of text ids (no
     <bos>); image_kw: `t2i`'s sampler keywords. The words are sampled from `generator` before the images' noise, so
-    they do not depend on the sampler. -> (latents (B, N, C) float32, B lists of the written ids, without `<boi>`)."""
+    they do not depend on the sampler. -> (latents (B, N, C) float32, or (I, N, C) with image_kw's `image_of`; B
+    lists of the written ids, without `<boi>`)."""
     if complete < 0:
         raise ValueError(f"complete must be >= 0 text tokens, got {complete}")
     written: list[list[int]] = [[] for _ in prompts]

@@ -386,7 +386,8 @@ def test_composed_guidance_by_hand():
     gu = torch.tensor([[0.5], [0.5], [1.0]])
     out = generate.composed_guidance(gc, gu, torch.tensor([0, 0, 1]), 2, 2.0)
     assert out.tolist() == [[0.5 + 2 * (0.5 + 2.5)], [1.0 + 2 * 4.0]]
-    assert generate.composed_guidance(gc, gu, torch.tensor([1, 0, 1]), 2, 2.0).tolist() == [[0.5 + 2 * 2.5], [0.5 + 2 * (0.5 + 4.0)]]
+    out = generate.composed_guidance(gc, gu, torch.tensor([1, 0, 1]), 2, 2.0)         # image 1's first row is row 0
+    assert out.tolist() == [[0.5 + 2 * 2.5], [0.5 + 2 * (0.5 + 4.0)]]
     with pytest.raises(ValueError, match="at least one part"):
         generate.composed_guidance(gc, gu, torch.tensor([0, 0, 2]), 3, 2.0)
 
