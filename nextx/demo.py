@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the training recipe")
     a = p.parse_args(argv)
     if a.minutes <= 0 or a.n <= 0 or a.eval_n <= 0 or a.cfg_scale < 0 or a.complete < 0:
-        p.error("--minutes, --n and --eval-n must be > 0, --cfg-scale and --complete >= 0")
+        p.error("--minutes, --n and --eval-n must be > 0, --cfg-scale >= 0 and --complete >= 0")
     from data_tools.shapes import LANGUAGE_FILE
 
     d = Path(a.data)
