@@ -41,7 +41,6 @@ def held_out_docs(cfg, n: int, split: str | None = None, shards: str | None = No
     return docs
 
 
-@torch.no_grad()
 def noun_phrases(caption: str) -> str | list[str]:
     """A caption of the shapes language -> its noun phrases as captions of their own (size, colour, shape and cell
     kept; a relation dropped), or the caption itself when it names one object. E.g. "a red circle above a blue
@@ -60,6 +59,7 @@ def shown_prompt(caption: str, drawn, written) -> str:
     return " AND ".join(p + (f" + [{x}]" if x else "") for p, x in zip(drawn, written or [""] * len(drawn)))
 
 
+@torch.no_grad()
 def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_scale: float, batch: int,
              seed: int, out: Path | None = None, sampler: str | None = None, shift: float | None = None, clip=None,
              layout: bool = False, captions_too: bool = True, complete: int = 0, temperature: float = 1.0,

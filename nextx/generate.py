@@ -279,6 +279,11 @@ def _check_sampler(sampler: str, steps: int) -> None:
         raise ValueError(f"steps must be >= 1, got {steps}")
 
 
+def _has_parts(image_of: Sequence[int] | None) -> bool:
+    """Whether some image of `image_of` (the image of each row) is drawn from several rows (composed guidance)."""
+    return image_of is not None and len(set(image_of)) < len(image_of)
+
+
 def composed_guidance(g_cond: torch.Tensor, g_uncond: torch.Tensor, image_of: torch.Tensor, n_images: int,
                       cfg_scale: float) -> torch.Tensor:
     """Guidance over the parts of a prompt (composable diffusion, Liu et al. 2022), one output per image:
@@ -309,7 +314,7 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
         raise ValueError(f"image_of has {len(image_of)} entries for {len(rows)} rows")
     if mapped and sorted(set(image_of)) != list(range(len(set(image_of)))):
         raise ValueError(f"image_of must number the images 0..I-1, each with at least one row; got {list(image_of)}")
-    guide = cfg_scale != 1.0 or (mapped and len(set(image_of)) < len(image_of))
+    guide = cfg_scale != 1.0 or _has_parts(image_of)
     if guide and not cache.guided:
         raise ValueError("guidance (cfg_scale != 1, or an image of several parts) needs a cache built with "
                          "unconditional rows")
@@ -340,8 +345,8 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
     no_text = torch.zeros(R2, N, dtype=torch.bool, device=dev)
     ctx = cache.text_context(rows, guide) if getattr(model, "text_mlp", None) is not None else None
 
-    img_of = torch.tensor(list(image_of) if image_of is not None else range(R), dtype=torch.int64, device=dev)
-    n_img = int(img_of.max()) + 1 if R else 0
+    img_of = torch.tensor(list(image_of), dtype=torch.int64, device=dev) if mapped else None
+    n_img = len(set(image_of)) if mapped else R
     x0 = torch.randn((n_img, N, C), generator=generator, dtype=torch.float64) * sigma_d
     x = x0.to(dev)
     ts = imm.sampling_times(steps, T=T, eps=eps, schedule=schedule, shift=shift)  # (steps + 1,) float64
@@ -402,8 +407,8 @@ def t2i(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: t
         raise ValueError(f"latent_dim={latent_dim} but the model has {model.latent_dim}")
     if image_of is not None and len(image_of) != len(prompts):
         raise ValueError(f"image_of has {len(image_of)} entries for {len(prompts)} prompts")
-    composed = image_of is not None and len(set(image_of)) < len(image_of)
-    cache = Cache.empty(len(prompts), cfg_scale != 1.0 or composed, special.pad, _device(model, device), null_prompt)
+    cache = Cache.empty(len(prompts), cfg_scale != 1.0 or _has_parts(image_of), special.pad, _device(model, device),
+                        null_prompt)
     _append(model, cache, [prompt_piece([list(p)], special, open_image=True) for p in prompts], special, left=True,
             want_logits=False)
     x, _ = refine(model, cache, list(range(len(prompts))), grid, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
