@@ -104,6 +104,8 @@ class DataConfig:
     drop_trailing_clean: bool = True  # no clean split for a generated image that ends its document
     noise_copies: int = 1         # noise splits per generated image (objective.grouping=copies: the M particles)
     max_text_tokens: int = 128    # longer text segments are truncated (counted and logged)
+    trim_pads: bool = False       # cut each batch to its longest row (sequence.trim_pads): fewer tokens when rows hold
+                                  # one short document; L then varies by batch (CPU; flex kernels want one L)
     shuffle_buffer: int = 512     # documents in the in-memory shuffle buffer (0 = no shuffle)
     shard_shuffle: bool = True    # shuffle shard order each epoch
     resample: bool = True         # infinite stream: shards drawn with replacement (multi-node friendly)

@@ -26,6 +26,7 @@ next. Exact when world size and data.num_workers are unchanged.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from dataclasses import dataclass, fields, replace
@@ -39,7 +40,7 @@ from nextx.config import DataConfig
 from nextx.documents import (BadSample, Document, Image, Text, decode_document, recorded_doc_counts,
                              shard_paths)
 from nextx.errors import UserError
-from nextx.sequence import Batch, ImageTokens, Packer, Row, SpecialIds, collate, layout_document
+from nextx.sequence import Batch, ImageTokens, Packer, Row, SpecialIds, collate, layout_document, trim_pads
 
 log = logging.getLogger("nextx.data")
 
@@ -402,9 +403,10 @@ class LoaderBatch(Batch):
                                 if isinstance(v := getattr(self, f.name), torch.Tensor)})
 
 
-def collate_rows(rows: list[Row]) -> LoaderBatch:
-    """collate + the read position of the batch's last row."""
-    return LoaderBatch.of(collate(rows), getattr(rows[-1], "position", (0, 0, 0)))
+def collate_rows(rows: list[Row], trim: bool = False) -> LoaderBatch:
+    """collate (then `trim_pads` when `trim`) + the read position of the batch's last row."""
+    b = collate(rows)
+    return LoaderBatch.of(trim_pads(b) if trim else b, getattr(rows[-1], "position", (0, 0, 0)))
 
 
 def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards: str | None = None,
@@ -422,7 +424,8 @@ def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards:
     check_packing(cfg, grid[0] * grid[1])
     ds = PackedRows(cfg, shards=shards, split=split, rank=rank, world_size=world_size, loop=loop, start=start,
                     rotate=batches_done % max(1, nw))
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_rows, collate_fn=collate_rows, num_workers=nw,
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_rows,
+                                       collate_fn=functools.partial(collate_rows, trim=cfg.trim_pads), num_workers=nw,
                                        worker_init_fn=_worker_init if nw else None, pin_memory=pin_memory,
                                        persistent_workers=nw > 0 and loop, drop_last=loop,
                                        prefetch_factor=4 if nw else None)

@@ -19,7 +19,7 @@ Linear-SiLU-Linear MLP, summed -> e (n_img, D). With `text_cond: pooled` a third
 the image's text (`sequence.image_text_context`: the TEXT tokens of its document before it, i.e. its caption and
 the layout specials), normalised to unit rms, so the caption reaches every noise token through the modulation from the first step, before
 attention has learned to fetch it (DiT's class-label path, with a bag of caption tokens as the label). Every block turns SiLU(e) into (shift, scale, gate) x {attn, mlp}
-with one zero-initialised Linear, computed per IMAGE and gathered to the NOISE tokens only:
+with one zero-initialised Linear, computed per IMAGE and spread to the NOISE tokens only (`spread`):
 
     h = norm(x) * (1 + scale) + shift;   x = x + (1 + gate) * attn(h)        (same for the MLP)
 
@@ -206,6 +206,34 @@ def _mlp(d_in: int, d: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d), nn.SiLU(), nn.Linear(d, d))
 
 
+def noise_runs(ni: torch.Tensor) -> int | None:
+    """(n_noise,) the image of each NOISE token (in token order) -> the tokens each image owns when they come as one
+    consecutive run per image, all of one length, each image once (as every training batch and sampling call of one
+    image size lays them out), else None. E.g. [0 0 2 2 5 5] -> 2; [0 0 2] -> None; [0 2 0 2] -> None; [] -> None."""
+    n = ni.numel()
+    if n == 0:
+        return None
+    first = torch.ones(n, dtype=torch.bool, device=ni.device)
+    first[1:] = ni[1:] != ni[:-1]
+    starts = first.nonzero().squeeze(1)                                   # (n_own,) where each run begins
+    k = len(starts)
+    if n % k or not bool((starts == torch.arange(k, device=ni.device) * (n // k)).all()):
+        return None
+    own = ni[starts]
+    return n // k if k == 1 or bool((own[1:] > own[:-1]).all()) else None
+
+
+def spread(v: torch.Tensor, ni: torch.Tensor, run: int | None) -> torch.Tensor:
+    """(n_img, X) per-image rows -> (n_noise, X), row ni[j] for noise token j. With `run` (`noise_runs`) the rows of
+    the images that own noise tokens are repeated run times by an expand, whose gradient is a sum over the run; a
+    gather's gradient is a scatter-add into n_img rows, which compiled CPU kernels serialise (3 ms a block backward
+    at the demo's dims, README "Where a step's time goes")."""
+    if run is None:
+        return v.index_select(0, ni)
+    own = ni[::run]                                                       # (n_own,) the owning images, in order
+    return v.index_select(0, own)[:, None].expand(-1, run, -1).reshape(-1, v.shape[-1])
+
+
 def _modulate(h: torch.Tensor, nz: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
     """Rows nz of h (B, L, D) (flat token indices of the NOISE tokens) -> h * (1 + scale) + shift (fp32 math);
     every other row is returned untouched. shift, scale: (n_noise, D). Out of place (autograd-safe)."""
@@ -304,15 +332,15 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, past: KV | None, cond, splits=None):
         """cond: None (no NOISE token), or (silu_e (n_img, D) fp32, nz (n_noise,) flat token index, ni (n_noise,)
-        image index of each NOISE token). splits: `image_splits` of the image tokens (for block_conv)."""
+        image index of each NOISE token, run: `noise_runs(ni)`). splits: `image_splits` of the image tokens (for block_conv)."""
         h = self.input_layernorm(x)
         if cond is None:
             a, kv = self.self_attn(h, cos, sin, mask, past)
             x = self._local(x + a, splits)
             return x + self.mlp(self.post_attention_layernorm(x)), kv
-        silu_e, nz, ni = cond
+        silu_e, nz, ni, run = cond
         with torch.autocast(x.device.type, enabled=False):                    # time path in fp32
-            mod = self.ada(silu_e.to(self.ada.weight.dtype)).float()[ni]       # (n_noise, 6D), per image then gathered
+            mod = spread(self.ada(silu_e.to(self.ada.weight.dtype)).float(), ni, run)  # (n_noise, 6D), per image
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
         a, kv = self.self_attn(_modulate(h, nz, sh1, sc1), cos, sin, mask, past)
         x = self._local(x + _modulate(a, nz, None, g1), splits)
@@ -477,8 +505,8 @@ class NextX(nn.Module):
         cond = None
         if self.uniform_graph or nz.numel():  # (uniform: the time path and adaLN run, on nothing, without noise)
             ni = img.reshape(-1)[nz].long()                                           # (n_noise,) image of each
-            cond = (self._time(t, s, self._text_context(inp)), nz, ni)
-            for c in cond:  # images and noise tokens per call vary: compiled blocks trace them symbolic from the start
+            cond = (self._time(t, s, self._text_context(inp)), nz, ni, noise_runs(ni))
+            for c in cond[:3]:  # images and noise tokens per call vary: compiled blocks trace them symbolic from the start
                 torch._dynamo.maybe_mark_dynamic(c, 0)
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         new_past = []
@@ -493,7 +521,7 @@ class NextX(nn.Module):
         h = self.norm(x)
         if cond is not None:
             with torch.autocast(x.device.type, enabled=False):
-                mod = self.final_ada(cond[0].to(self.final_ada.weight.dtype)).float()[cond[2]]  # (n_noise, 2D)
+                mod = spread(self.final_ada(cond[0].to(self.final_ada.weight.dtype)).float(), cond[2], cond[3])
             shift, scale = mod.chunk(2, dim=-1)
             h = _modulate(h, nz, shift, scale)                                        # NOISE rows only
         logits = self.lm_head(h[text_mask] if text_mask is not None else h)          # (n_sel or B, [L,] V)

@@ -392,6 +392,18 @@ def apply_null_prompt(ids: torch.Tensor, kind: torch.Tensor, doc: torch.Tensor, 
     return ids, kind, doc, pos, hidden
 
 
+def trim_pads(batch: Batch, multiple: int = 8) -> Batch:
+    """The batch cut to its longest row: the pad columns at the end of every row dropped, L rounded up to a multiple of
+    `multiple` (fewer shapes for compiled kernels) and at most the original L. Pads attend only to themselves and carry
+    no target, so nothing else changes. E.g. rows of 96 holding one document of 70-77 tokens each -> L = 80."""
+    L = batch.ids.shape[1]
+    used = (batch.kind != PAD).any(dim=0).nonzero()                                  # columns some row uses
+    keep = min(L, -(-(int(used.max()) + 1 if len(used) else 1) // multiple) * multiple)
+    if keep == L:
+        return batch
+    return replace(batch, **{k: getattr(batch, k)[:, :keep] for k in batch.ROW_FIELDS})
+
+
 def collate(rows: list[Row]) -> Batch:
     """Rows -> Batch; image indices become batch-global, latent tokens are scattered to their positions."""
     if not rows:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from nextx.config import ModelConfig
 from nextx.masks import block_mask, dense_mask, xformers_available
-from nextx.model import ModelInput, ModelOutput, NextX, image_splits, time_features
+from nextx.model import ModelInput, ModelOutput, NextX, image_splits, noise_runs, spread, time_features
 from nextx.positions import rope2d_inv_freq, rope_inv_freq, rope_section
 from nextx.pretrained import load_hf_llama
 from nextx.sequence import CLEAN, IGNORE, NOISE, PAD, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
@@ -197,6 +197,71 @@ def test_modulation_is_per_image(model):
     img0 = noise & (b.img == 0)
     assert float((out.latent_out[img0] - base.latent_out[img0]).abs().max()) > 1e-4
     assert torch.equal(out.latent_out[noise & ~img0], base.latent_out[noise & ~img0])
+
+
+def test_noise_runs_by_hand():
+    t = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+    assert noise_runs(t(0, 0, 2, 2, 5, 5)) == 2
+    assert noise_runs(t(3, 3, 3)) == 3
+    assert noise_runs(t(0, 0, 2)) is None          # runs of unequal length
+    assert noise_runs(t(0, 2, 0, 2)) is None       # an image in two runs
+    assert noise_runs(t(2, 2, 0, 0)) is None       # images out of order
+    assert noise_runs(t(0, 0, 0, 1)) is None
+    assert noise_runs(t()) is None
+
+
+@pytest.mark.parametrize("ni", [[0, 0, 2, 2, 5, 5], [1, 1, 1, 1], [0, 0, 2]])
+def test_spread_equals_the_gather_values_and_grads(ni):
+    ni = torch.tensor(ni)
+    v = torch.randn(6, 5, requires_grad=True)
+    w = torch.randn(len(ni), 5)
+    (spread(v, ni, noise_runs(ni)) * w).sum().backward()
+    g_run = v.grad.clone()
+    v.grad = None
+    ref = v[ni]
+    (ref * w).sum().backward()
+    assert torch.equal(spread(v, ni, noise_runs(ni)), ref)
+    torch.testing.assert_close(g_run, v.grad)
+
+
+@pytest.mark.parametrize("grids", [((2, 2), (2, 2)), ((2, 2), (2, 3))])
+def test_model_with_runs_equals_the_gather(grids, monkeypatch):
+    """The forward and every gradient are the same whether the per-image modulation reaches the noise tokens as
+    runs (equal grids: noise_runs gives 4) or by the gather (grids 2x2 and 2x3: None), forced here both ways."""
+    import nextx.model as nm
+
+    torch.manual_seed(5)
+    m = perturb_zero_init(NextX(tiny_cfg(), vocab_size=V, latent_dim=C)).train()
+    d1 = layout_document([[5, 6, 7], image(*grids[0], seed=1), [8, 9]], SP)
+    d2 = layout_document([[15], image(*grids[1], seed=3)], SP)
+    b = collate([pack_row([d1], 24, SP.pad), pack_row([d2], 24, SP.pad)])
+    mask = dense_mask(b.doc, b.kind, b.split)
+    found = []
+    orig = nm.noise_runs
+    monkeypatch.setattr(nm, "noise_runs", lambda ni: found.append(orig(ni)) or found[-1])
+    _dummy_loss(run(m, b, mask), b).backward()
+    assert found[-1] == (4 if grids[0] == grids[1] else None)
+    ref = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    monkeypatch.setattr(nm, "noise_runs", lambda ni: None)
+    _dummy_loss(run(m, b, mask), b).backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@torch.no_grad()
+def test_trimmed_batch_gives_the_same_outputs(model):
+    """sequence.trim_pads (data.trim_pads) changes nothing the model computes on the tokens it keeps."""
+    from nextx.sequence import trim_pads
+
+    b, mask = packed_batch()
+    t = trim_pads(b)
+    assert t.ids.shape[1] < b.ids.shape[1]
+    full, cut = run(model, b, mask), run(model, t, dense_mask(t.doc, t.kind, t.split))
+    L = t.ids.shape[1]
+    real = t.kind != PAD
+    torch.testing.assert_close(cut.latent_out[real], full.latent_out[:, :L][real], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cut.text_logits[real], full.text_logits[:, :L][real], rtol=1e-5, atol=1e-6)
 
 
 def test_text_cond_pooled_adds_the_mean_caption_embedding():

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from nextx.sequence import (CLEAN, IGNORE, NOISE, PAD, TEXT, ImageTokens, Packer, SpecialIds, apply_null_prompt,
-                            collate, gather_context, image_text_context, layout_document, pack_row, text_targets)
+                            collate, gather_context, image_text_context, layout_document, pack_row, text_targets,
+                            trim_pads)
 
 SP = SpecialIds(pad=0, bos=2, eos=3, boi=4, eoi=5)
 T0, T1, T2 = 10, 11, 12
@@ -111,6 +112,23 @@ def test_collate_places_latents_in_both_splits():
     assert batch.image_generate.tolist() == [True, False]
     assert batch.latents[batch.kind == TEXT].abs().sum() == 0
     assert batch.n_tokens()["noise"] == 4 and batch.n_tokens()["clean"] == 8
+
+
+def test_trim_pads_cuts_the_pad_columns_every_row_shares():
+    a = layout_document([[T0], img(c=3), [T1]], SP)                          # 2x2 image: noise + clean
+    b = layout_document([img(generate=False, seed=3), [T2]], SP)
+    batch = collate([pack_row([a], 40, SP.pad), pack_row([b], 40, SP.pad)])
+    longest = max(len(a), len(b))
+    assert longest == 14
+    for multiple, keep in ((8, 16), (1, 14), (64, 40)):                      # rounded up, never past L
+        t = trim_pads(batch, multiple)
+        assert t.ids.shape == (2, keep) and t.latents.shape == (2, keep, 3) and t.pos2d.shape == (2, keep, 2)
+        for k in batch.ROW_FIELDS:
+            assert torch.equal(getattr(t, k), getattr(batch, k)[:, :keep]), k
+        assert torch.equal(t.image_grid, batch.image_grid)
+        assert t.n_tokens()["pad"] == batch.n_tokens()["pad"] - (40 - keep) * 2   # only pads were cut
+    full = collate([pack_row([a, a], 28, SP.pad)])
+    assert trim_pads(full) is full                                           # nothing to cut: the same batch
 
 
 def test_image_text_context_by_hand():
