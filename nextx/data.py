@@ -424,8 +424,8 @@ def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards:
     check_packing(cfg, grid[0] * grid[1])
     ds = PackedRows(cfg, shards=shards, split=split, rank=rank, world_size=world_size, loop=loop, start=start,
                     rotate=batches_done % max(1, nw))
-    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_rows,
-                                       collate_fn=functools.partial(collate_rows, trim=cfg.trim_pads), num_workers=nw,
+    collate_fn = functools.partial(collate_rows, trim=cfg.trim_pads)
+    return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_rows, collate_fn=collate_fn, num_workers=nw,
                                        worker_init_fn=_worker_init if nw else None, pin_memory=pin_memory,
                                        persistent_workers=nw > 0 and loop, drop_last=loop,
                                        prefetch_factor=4 if nw else None)

@@ -207,30 +207,29 @@ def _mlp(d_in: int, d: int) -> nn.Sequential:
 
 
 def noise_runs(ni: torch.Tensor) -> int | None:
-    """(n_noise,) the image of each NOISE token (in token order) -> the tokens each image owns when they come as one
-    consecutive run per image, all of one length, each image once (as every training batch and sampling call of one
-    image size lays them out), else None. E.g. [0 0 2 2 5 5] -> 2; [0 0 2] -> None; [0 2 0 2] -> None; [] -> None."""
+    """(n_noise,) the image of each NOISE token (in token order) -> run: the length of the first run of equal images,
+    when every aligned block of `run` tokens belongs to one image (as in every training batch and sampling call of one
+    image size: each image's noise split is contiguous), else None. One host sync. E.g. [0 0 2 2 5 5] -> 2;
+    [2 2 0 0 2 2] -> 2; [0 2 0 2] -> 1; [0 0 2] -> None; [0 0 0 1] -> None; [] -> None."""
     n = ni.numel()
     if n == 0:
         return None
-    first = torch.ones(n, dtype=torch.bool, device=ni.device)
-    first[1:] = ni[1:] != ni[:-1]
-    starts = first.nonzero().squeeze(1)                                   # (n_own,) where each run begins
-    k = len(starts)
-    if n % k or not bool((starts == torch.arange(k, device=ni.device) * (n // k)).all()):
-        return None
-    own = ni[starts]
-    return n // k if k == 1 or bool((own[1:] > own[:-1]).all()) else None
+    change = ni[1:] != ni[:-1]                                             # (n - 1,)
+    run = torch.where(change.any(), change.int().argmax() + 1, n)          # first run's length (a 0-d tensor)
+    j = torch.arange(n, device=ni.device)
+    ok = (n % run == 0) & (ni[j - j % run] == ni).all()                   # every block of `run` is one image
+    run, ok = torch.stack([run, ok.long()]).tolist()
+    return run if ok else None
 
 
 def spread(v: torch.Tensor, ni: torch.Tensor, run: int | None) -> torch.Tensor:
-    """(n_img, X) per-image rows -> (n_noise, X), row ni[j] for noise token j. With `run` (`noise_runs`) the rows of
-    the images that own noise tokens are repeated run times by an expand, whose gradient is a sum over the run; a
+    """(n_img, X) per-image rows -> (n_noise, X), row ni[j] for noise token j. With `run` (`noise_runs`) the row of
+    each block's image is repeated run times by an expand, whose gradient is a sum over the block; a
     gather's gradient is a scatter-add into n_img rows, which compiled CPU kernels serialise (3 ms a block backward
-    at the demo's dims, README "Where a step's time goes")."""
+    at the demo's dims; README "nextx flow against the reference")."""
     if run is None:
         return v.index_select(0, ni)
-    own = ni[::run]                                                       # (n_own,) the owning images, in order
+    own = ni[::run]                                                       # (n / run,) the image of each block
     return v.index_select(0, own)[:, None].expand(-1, run, -1).reshape(-1, v.shape[-1])
 
 
@@ -332,7 +331,8 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, past: KV | None, cond, splits=None):
         """cond: None (no NOISE token), or (silu_e (n_img, D) fp32, nz (n_noise,) flat token index, ni (n_noise,)
-        image index of each NOISE token, run: `noise_runs(ni)`). splits: `image_splits` of the image tokens (for block_conv)."""
+        image index of each NOISE token, run: `noise_runs(ni)`). splits: `image_splits` of the image tokens (for
+        block_conv)."""
         h = self.input_layernorm(x)
         if cond is None:
             a, kv = self.self_attn(h, cos, sin, mask, past)
@@ -506,7 +506,7 @@ class NextX(nn.Module):
         if self.uniform_graph or nz.numel():  # (uniform: the time path and adaLN run, on nothing, without noise)
             ni = img.reshape(-1)[nz].long()                                           # (n_noise,) image of each
             cond = (self._time(t, s, self._text_context(inp)), nz, ni, noise_runs(ni))
-            for c in cond[:3]:  # images and noise tokens per call vary: compiled blocks trace them symbolic from the start
+            for c in cond[:3]:  # images and noise tokens per call vary: compiled blocks trace them symbolic
                 torch._dynamo.maybe_mark_dynamic(c, 0)
         ckpt = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         new_past = []

@@ -203,14 +203,15 @@ def test_noise_runs_by_hand():
     t = lambda *v: torch.tensor(v, dtype=torch.long)  # noqa: E731
     assert noise_runs(t(0, 0, 2, 2, 5, 5)) == 2
     assert noise_runs(t(3, 3, 3)) == 3
+    assert noise_runs(t(2, 2, 0, 0, 2, 2)) == 2    # any order, an image in several blocks: still one image a block
+    assert noise_runs(t(0, 2, 0, 2)) == 1          # blocks of one token (the gather itself)
     assert noise_runs(t(0, 0, 2)) is None          # runs of unequal length
-    assert noise_runs(t(0, 2, 0, 2)) is None       # an image in two runs
-    assert noise_runs(t(2, 2, 0, 0)) is None       # images out of order
+    assert noise_runs(t(0, 0, 1, 2)) is None       # the first run's length does not tile the rest
     assert noise_runs(t(0, 0, 0, 1)) is None
     assert noise_runs(t()) is None
 
 
-@pytest.mark.parametrize("ni", [[0, 0, 2, 2, 5, 5], [1, 1, 1, 1], [0, 0, 2]])
+@pytest.mark.parametrize("ni", [[0, 0, 2, 2, 5, 5], [1, 1, 1, 1], [2, 2, 0, 0, 2, 2], [0, 2, 0, 2], [0, 0, 2]])
 def test_spread_equals_the_gather_values_and_grads(ni):
     ni = torch.tensor(ni)
     v = torch.randn(6, 5, requires_grad=True)
