@@ -19,7 +19,8 @@ Re-runs reuse what exists: a data stage whose output directory is there is skipp
 `.partial` name and renamed only when complete, so an interrupted stage leaves nothing that looks finished;
 shards generated with other settings, e.g. by an older demo, are rebuilt with the tokenizers after them),
 and training resumes from the run's last checkpoint (the recipe saves every train.save_every steps; a finished
-run returns at once). --force rebuilds everything.
+run returns at once); a run trained with another recipe (an older demo's) is moved aside to runs/demo-N, not
+deleted. --force rebuilds everything.
 """
 
 from __future__ import annotations
@@ -95,6 +96,25 @@ def _stale_shards(shards: Path, n: int, weights: str, position_rate: float) -> s
     return ", ".join(f"{k} {have[k]} instead of {v}" for k, v in want.items() if have[k] != v)
 
 
+def _move_other_recipe(run: Path, train_args: list[str]) -> Path | None:
+    """A run in `run` trained with another recipe (e.g. by an older demo: its model, data, objective, optim, dist
+    or seed differ from what stage 6 would train) is moved aside to the first free runs/demo-N, whole, so stage 6
+    trains the current recipe and the older run stays readable. Returns where it went (None: nothing moved)."""
+    from nextx.config import load_config
+    from nextx.rundir import next_free
+    from nextx.train import run_conflict
+
+    cfg = load_config(train_args[0], train_args[1:])
+    diff = run_conflict(cfg, run)
+    if not diff:
+        return None
+    to = next_free(run)
+    run.rename(to)
+    print(f"\n{run} was trained with another recipe (it differs in: {', '.join(diff)}): moved to {to}, nothing "
+          f"deleted; stage 6 trains the current one", flush=True)
+    return to
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nextx demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data", help="where shards and tokenizers go (default: data/)")
@@ -151,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     from nextx.engine import cpu_compiler
 
     eager = [] if cpu_compiler() else ["dist.compile=false"]
+    train_args = [a.config, "name=demo", f"run_dir={a.run_dir}", *data_over, *eager, *a.overrides]
+    _move_other_recipe(run, train_args)
     if eager:
         print("\n   no C++ compiler found (g++, or $CXX): compiled blocks (dist.compile) need one, so this run trains "
               "eager blocks, ~1.2x slower a step (fewer steps in --minutes). Install g++ to compile.", flush=True)
     _run(f"6. train ({a.config}, at most {a.minutes:g} min; resumes a run that was interrupted)", "train",
-         [a.config, "name=demo", f"run_dir={a.run_dir}", *data_over, *eager, *a.overrides, "--max-minutes",
-          str(a.minutes)])
+         [*train_args, "--max-minutes", str(a.minutes)])
     out = run / "eval_shapes"
     words = (", prompts of several objects as their noun phrases composed" if a.compose else "") + (
         f", each prompt first finished by the model (<= {a.complete} tokens)" if a.complete else "")

@@ -73,6 +73,15 @@ def _resume_keys(cfg: Config) -> dict:
     return {k: d[k] for k in ("model", "data", "objective", "optim", "dist")} | {"seed": d["train"]["seed"]}
 
 
+def run_conflict(cfg: Config, out: Path) -> list[str]:
+    """The config sections (model, data, objective, optim, dist, seed) in which the run saved in `out` differs from
+    `cfg`: [] when they agree or `out` holds no run."""
+    if not (out / "config.yaml").is_file():
+        return []
+    a, b = _resume_keys(load_run_config(out / "config.yaml")), _resume_keys(cfg)
+    return [k for k in a if a[k] != b[k]]
+
+
 def find_resume(cfg: Config, out: Path) -> tuple[Path, Path | None]:
     """-> (the run dir to write, the checkpoint to continue from or None), per train.resume and train.if_exists
     (see TrainConfig and nextx.rundir). Decided identically on every rank before any rank writes."""
@@ -82,9 +91,7 @@ def find_resume(cfg: Config, out: Path) -> tuple[Path, Path | None]:
         if cfg.train.resume == "must":
             raise ConfigError(f"train.resume: 'must' but {out} holds no run")
         return out, None
-    old = load_run_config(out / "config.yaml")
-    a, b = _resume_keys(old), _resume_keys(cfg)
-    diff = [k for k in a if a[k] != b[k]]
+    diff = run_conflict(cfg, out)
     if not diff and cfg.train.resume != "never":
         d = latest_checkpoint(out)
         if d is None and cfg.train.resume == "must":

@@ -1,7 +1,10 @@
-"""`nextx demo`'s reuse rule: shards generated with other settings are rebuilt, not silently reused."""
+"""`nextx demo`'s reuse rules: shards generated with other settings are rebuilt, not silently reused; a run trained
+with another recipe is moved aside, not resumed or deleted."""
 
 from data_tools.shapes import main as shapes_main
-from nextx.demo import _stale_shards
+from nextx.cli import REPO
+from nextx.config import load_config, save_config
+from nextx.demo import _move_other_recipe, _stale_shards
 
 
 def test_stale_shards_names_what_differs(tmp_path):
@@ -19,3 +22,20 @@ def test_stale_shards_names_what_differs(tmp_path):
     assert "position_rate 0.5 instead of 1.0" in _stale_shards(old, 20, "2,1,1", 1.0)
     (old / "language.txt").unlink()                                            # written before language.txt
     assert _stale_shards(old, 20, "2,1,1", 0.5) == "no language.txt (an older generator)"
+
+
+def test_a_run_of_another_recipe_is_moved_aside_whole(tmp_path):
+    recipe = str(REPO / "configs" / "demo.yaml")
+    args = [recipe, "name=demo", f"run_dir={tmp_path}"]
+    run = tmp_path / "demo"
+    assert _move_other_recipe(run, args) is None                                  # no run yet
+    run.mkdir()
+    save_config(load_config(recipe, args[1:]), run / "config.yaml")
+    (run / "metrics.jsonl").write_text("{}\n")
+    assert _move_other_recipe(run, args) is None and run.is_dir()               # the same recipe: resumed later
+    assert _move_other_recipe(run, args + ["train.steps=7"]) is None             # train.* is not the recipe's identity
+    older = args + ["data.row_len=256", "data.batch_rows=8"]                    # e.g. written by an older demo
+    save_config(load_config(recipe, older[1:]), run / "config.yaml")
+    to = _move_other_recipe(run, args)
+    assert to == tmp_path / "demo-2" and not run.exists()
+    assert (to / "metrics.jsonl").read_text() == "{}\n"                          # moved whole, nothing deleted
