@@ -310,9 +310,10 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
     parts is drawn with `composed_guidance` at cfg_scale (then the cache needs its unconditional rows even at 1)."""
     _check_sampler(sampler, steps)
     mapped = image_of is not None
+    n_img = len(set(image_of)) if mapped else len(rows)                       # I, the images drawn
     if mapped and len(image_of) != len(rows):
         raise ValueError(f"image_of has {len(image_of)} entries for {len(rows)} rows")
-    if mapped and sorted(set(image_of)) != list(range(len(set(image_of)))):
+    if mapped and sorted(set(image_of)) != list(range(n_img)):
         raise ValueError(f"image_of must number the images 0..I-1, each with at least one row; got {list(image_of)}")
     guide = cfg_scale != 1.0 or _has_parts(image_of)
     if guide and not cache.guided:
@@ -346,7 +347,6 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
     ctx = cache.text_context(rows, guide) if getattr(model, "text_mlp", None) is not None else None
 
     img_of = torch.tensor(list(image_of), dtype=torch.int64, device=dev) if mapped else None
-    n_img = len(set(image_of)) if mapped else R
     x0 = torch.randn((n_img, N, C), generator=generator, dtype=torch.float64) * sigma_d
     x = x0.to(dev)
     ts = imm.sampling_times(steps, T=T, eps=eps, schedule=schedule, shift=shift)  # (steps + 1,) float64
