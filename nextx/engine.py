@@ -342,15 +342,20 @@ class DeepSpeedEngine:
     def step(self) -> dict | None:
         boundary = self.ds.is_gradient_accumulation_boundary()
         lr = lr_at(self.step_count, self.cfg.optim, self.cfg.train.steps)
+        norm = None
         if boundary:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
+            if self.ds.zero_optimization_stage() == 0:  # DeepSpeed's stage-0 clip drops the norm it computes:
+                norm = torch.nn.utils.get_total_norm(   # measure it here (the gradients are already all-reduced)
+                    [p.grad for p in self.module.parameters() if p.grad is not None])
         self.ds.step()
         if not boundary:
             return None
         if self.ema is not None:
             self.ema.update()
-        return {"lr": lr, "grad_norm": self.ds.get_global_grad_norm()}
+        ds_norm = self.ds.get_global_grad_norm()
+        return {"lr": lr, "grad_norm": ds_norm if ds_norm is not None else norm}
 
     # ---- state
 

@@ -162,3 +162,28 @@ def test_full_state_dict_gathers_weights_and_ema(stage, tmp_path, monkeypatch):
         assert torch.equal(ema[k], 2 * ref[k])
     again = eng.full_state_dict()
     assert all(torch.equal(again[k], ref[k]) for k in ref)  # the swap was undone
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_deepspeed_step_reports_the_gradient_norm(stage, tmp_path, monkeypatch):
+    """engine.step()'s grad_norm is the global norm before clipping at every ZeRO stage (DeepSpeed's stage-0 clip
+    computes it and drops it: the engine measures it itself there), equal to the norm of an autograd copy."""
+    from nextx.engine import DeepSpeedEngine, _free_port, init_distributed
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = _cfg("dist.engine=deepspeed", f"dist.zero_stage={stage}", "dist.precision=fp32", "optim.grad_clip=0.01",
+               f"run_dir={tmp_path}")
+    init_distributed(cfg)
+    torch.manual_seed(0)
+    model, x = _Tiny(), torch.randn(5, 8)
+    copy = _Tiny()
+    copy.load_state_dict(model.state_dict())
+    copy.b(copy.a(x)).square().sum().backward()
+    want = torch.cat([p.grad.flatten() for p in copy.parameters()]).norm()
+    eng = DeepSpeedEngine(cfg, model)
+    eng.backward(model.b(model.a(x)).square().sum())
+    info = eng.step()
+    assert float(info["grad_norm"]) == pytest.approx(float(want), rel=1e-5) and float(want) > 0.01  # clipped step
