@@ -106,6 +106,7 @@ class DataConfig:
     max_text_tokens: int = 128    # longer text segments are truncated (counted and logged)
     trim_pads: bool = False       # cut each batch to its longest row (sequence.trim_pads): fewer tokens when rows hold
                                   # one short document; L then varies by batch (CPU; flex kernels want one L)
+    trim_multiple: int = 8        # trim_pads rounds L up to a multiple of this (fewer distinct shapes to compile)
     shuffle_buffer: int = 512     # documents in the in-memory shuffle buffer (0 = no shuffle)
     shard_shuffle: bool = True    # shuffle shard order each epoch
     resample: bool = True         # infinite stream: shards drawn with replacement (multi-node friendly)
@@ -118,7 +119,7 @@ class DataConfig:
 
     def check(self, p: str = "data") -> None:
         _require(0.0 <= self.t2i_ratio <= 1.0, f"{p}.t2i_ratio", f"must be in [0, 1], got {self.t2i_ratio}")
-        for k in ("row_len", "batch_rows", "max_text_tokens", "pack_buffer"):
+        for k in ("row_len", "batch_rows", "max_text_tokens", "pack_buffer", "trim_multiple"):
             _require(getattr(self, k) > 0, f"{p}.{k}", f"must be > 0, got {getattr(self, k)}")
         for k in ("shuffle_buffer", "num_workers"):
             _require(getattr(self, k) >= 0, f"{p}.{k}", f"must be >= 0, got {getattr(self, k)}")

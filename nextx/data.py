@@ -403,10 +403,10 @@ class LoaderBatch(Batch):
                                 if isinstance(v := getattr(self, f.name), torch.Tensor)})
 
 
-def collate_rows(rows: list[Row], trim: bool = False) -> LoaderBatch:
-    """collate (then `trim_pads` when `trim`) + the read position of the batch's last row."""
+def collate_rows(rows: list[Row], trim: int = 0) -> LoaderBatch:
+    """collate (then `trim_pads` to a multiple of `trim` when trim > 0) + the read position of the batch's last row."""
     b = collate(rows)
-    return LoaderBatch.of(trim_pads(b) if trim else b, getattr(rows[-1], "position", (0, 0, 0)))
+    return LoaderBatch.of(trim_pads(b, trim) if trim else b, getattr(rows[-1], "position", (0, 0, 0)))
 
 
 def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards: str | None = None,
@@ -424,7 +424,7 @@ def build_loader(cfg: DataConfig, *, rank: int = 0, world_size: int = 1, shards:
     check_packing(cfg, grid[0] * grid[1])
     ds = PackedRows(cfg, shards=shards, split=split, rank=rank, world_size=world_size, loop=loop, start=start,
                     rotate=batches_done % max(1, nw))
-    collate_fn = functools.partial(collate_rows, trim=cfg.trim_pads)
+    collate_fn = functools.partial(collate_rows, trim=cfg.trim_multiple if cfg.trim_pads else 0)
     return torch.utils.data.DataLoader(ds, batch_size=cfg.batch_rows, collate_fn=collate_fn, num_workers=nw,
                                        worker_init_fn=_worker_init if nw else None, pin_memory=pin_memory,
                                        persistent_workers=nw > 0 and loop, drop_last=loop,

@@ -152,16 +152,18 @@ def test_loader_batches_and_rank_split(shard_env):
     assert sum(keys) == 30 and all(k > 0 for k in keys)
 
 
-def test_loader_trim_pads_cuts_every_batch_to_its_longest_row(shard_env):
-    """data.trim_pads: the same batches, cut after the last column any row uses (rounded up to 8)."""
+@pytest.mark.parametrize("multiple", [8, 3])
+def test_loader_trim_pads_cuts_every_batch_to_its_longest_row(shard_env, multiple):
+    """data.trim_pads: the same batches, cut after the last column any row uses (rounded up to data.trim_multiple)."""
     full = list(build_loader(_cfg(shard_env), loop=False, num_workers=0))
-    cut = list(build_loader(_cfg(shard_env, **{"data.trim_pads": True}), loop=False, num_workers=0))
+    over = {"data.trim_pads": True} | ({} if multiple == 8 else {"data.trim_multiple": multiple})  # 8: the default
+    cut = list(build_loader(_cfg(shard_env, **over), loop=False, num_workers=0))
     assert len(cut) == len(full)
     assert any(c.ids.shape[1] < 128 for c in cut)
     for f, c in zip(full, cut):
         L = c.ids.shape[1]
         used = int((f.kind != PAD).any(0).nonzero().max()) + 1
-        assert L % 8 == 0 and used <= L < used + 8
+        assert (L % multiple == 0 or L == 128) and used <= L < used + multiple
         assert torch.equal(c.ids, f.ids[:, :L]) and torch.equal(c.latents, f.latents[:, :L])
         assert bool((f.kind[:, L:] == PAD).all())                            # only pads were cut
 
