@@ -233,14 +233,33 @@ def spread(v: torch.Tensor, ni: torch.Tensor, run: int | None) -> torch.Tensor:
     return v.index_select(0, own)[:, None].expand(-1, run, -1).reshape(-1, v.shape[-1])
 
 
+class _ModulateRows(torch.autograd.Function):
+    """flat (N, D) with rows nz (distinct) replaced by flat[nz] * (1 + scale) + shift, in fp32. Its own backward:
+    autograd's would scatter-add the gradient of the gather into N rows (index_add, which compiled CPU kernels
+    serialise); the rows are distinct, so a gather and a plain row copy give the same gradient."""
+
+    @staticmethod
+    def forward(ctx, flat, nz, scale, shift):
+        sel = flat.index_select(0, nz)                                          # (n, D)
+        y = sel.float() * (1 + scale)
+        if shift is not None:
+            y = y + shift
+        ctx.save_for_backward(sel, nz, scale)
+        ctx.has_shift = shift is not None
+        return flat.index_copy(0, nz, y.to(flat.dtype))
+
+    @staticmethod
+    def backward(ctx, g):
+        sel, nz, scale = ctx.saved_tensors
+        gs = g.index_select(0, nz).float()                                      # (n, D)
+        g_flat = g.index_copy(0, nz, (gs * (1 + scale)).to(g.dtype))
+        return g_flat, None, gs * sel.float(), gs if ctx.has_shift else None
+
+
 def _modulate(h: torch.Tensor, nz: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
-    """Rows nz of h (B, L, D) (flat token indices of the NOISE tokens) -> h * (1 + scale) + shift (fp32 math);
-    every other row is returned untouched. shift, scale: (n_noise, D). Out of place (autograd-safe)."""
-    flat = h.reshape(-1, h.shape[-1])                                    # (B*L, D)
-    sel = flat.index_select(0, nz).float() * (1 + scale)
-    if shift is not None:
-        sel = sel + shift
-    return flat.index_copy(0, nz, sel.to(flat.dtype)).view_as(h)
+    """Rows nz of h (B, L, D) (flat token indices of the NOISE tokens, distinct) -> h * (1 + scale) + shift (fp32
+    math); every other row is returned untouched. shift, scale: (n_noise, D). Out of place (autograd-safe)."""
+    return _ModulateRows.apply(h.reshape(-1, h.shape[-1]), nz, scale, shift).view_as(h)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from nextx.config import ModelConfig
 from nextx.masks import block_mask, dense_mask, xformers_available
-from nextx.model import ModelInput, ModelOutput, NextX, image_splits, noise_runs, spread, time_features
+from nextx.model import ModelInput, ModelOutput, NextX, _modulate, image_splits, noise_runs, spread, time_features
 from nextx.positions import rope2d_inv_freq, rope_inv_freq, rope_section
 from nextx.pretrained import load_hf_llama
 from nextx.sequence import CLEAN, IGNORE, NOISE, PAD, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
@@ -210,6 +210,36 @@ def test_noise_runs_by_hand():
     assert noise_runs(t(0, 0, 0, 1)) is None
     assert noise_runs(t()) is None
 
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_shift", [True, False])
+def test_modulate_own_backward_equals_autograd_of_the_gather(dtype, with_shift):
+    """_modulate's hand-written backward (a gather and a plain row copy) gives bitwise the values and gradients of
+    autograd through index_select + index_copy; rows outside nz pass through untouched, in value and gradient."""
+    torch.manual_seed(0)
+    h = torch.randn(3, 7, 5).to(dtype).requires_grad_()
+    nz = torch.tensor([19, 2, 3, 11, 0, 20])                                 # distinct flat rows, any order
+    scale, shift = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5, requires_grad=True)
+    sh = shift if with_shift else None
+
+    def by_autograd(h):
+        flat = h.reshape(-1, 5)
+        y = flat.index_select(0, nz).float() * (1 + scale)
+        y = y + sh if sh is not None else y
+        return flat.index_copy(0, nz, y.to(dtype)).view_as(h)
+
+    w = torch.randn(3, 7, 5).to(dtype)
+    outs = [_modulate(h, nz, sh, scale), by_autograd(h)]
+    assert torch.equal(outs[0], outs[1])
+    wrt = (h, scale) + ((shift,) if with_shift else ())
+    g_own, g_ref = (torch.autograd.grad((o.float() * w.float()).sum(), wrt) for o in outs)
+    assert all(torch.equal(a, b) for a, b in zip(g_own, g_ref))
+    untouched = torch.ones(21, dtype=torch.bool)
+    untouched[nz] = False
+    assert torch.equal(outs[0].reshape(-1, 5)[untouched], h.detach().reshape(-1, 5)[untouched])
+    assert torch.equal(g_own[0].reshape(-1, 5)[untouched], w.reshape(-1, 5)[untouched].to(g_own[0].dtype))
 
 @pytest.mark.parametrize("ni", [[0, 0, 2, 2, 5, 5], [1, 1, 1, 1], [2, 2, 0, 0, 2, 2], [0, 2, 0, 2], [0, 0, 2]])
 def test_spread_equals_the_gather_values_and_grads(ni):
