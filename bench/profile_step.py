@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     med = statistics.median(times)
     lens = sorted({b.ids.shape[1] for b in batches})  # data.trim_pads cuts batches below row_len
     print(f"{a.config}: median step {med * 1e3:.0f} ms over {a.steps} steps ({cfg.data.batch_rows}x"
-          f"{'/'.join(map(str, lens))} tokens, {a.threads} threads, {'compiled' if cfg.dist.compile else 'eager'} blocks); "
+          f"{'/'.join(map(str, lens))} tokens, {a.threads} threads, "
+          f"{'compiled' if cfg.dist.compile else 'eager'} blocks); "
           f"IMM target pass "
           f"{statistics.median(target_s) * 1e3 if target_s else 0:.0f} ms "
           f"({(statistics.median(target_s) if target_s else 0) / med:.0%}); {gen_images:.1f} generated images a step "

@@ -245,15 +245,15 @@ class _ModulateRows(torch.autograd.Function):
         if shift is not None:
             y = y + shift
         ctx.save_for_backward(sel, nz, scale)
-        ctx.has_shift = shift is not None
         return flat.index_copy(0, nz, y.to(flat.dtype))
 
     @staticmethod
     def backward(ctx, g):
         sel, nz, scale = ctx.saved_tensors
+        need = ctx.needs_input_grad                                             # False for a None shift
         gs = g.index_select(0, nz).float()                                      # (n, D)
-        g_flat = g.index_copy(0, nz, (gs * (1 + scale)).to(g.dtype))
-        return g_flat, None, gs * sel.float(), gs if ctx.has_shift else None
+        g_flat = g.index_copy(0, nz, (gs * (1 + scale)).to(g.dtype)) if need[0] else None
+        return g_flat, None, gs * sel.float() if need[2] else None, gs if need[3] else None
 
 
 def _modulate(h: torch.Tensor, nz: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
