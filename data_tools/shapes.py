@@ -225,6 +225,17 @@ def cell_of(x: float, y: float) -> str:
     return CELLS[3 * min(int(y * 3), 2) + min(int(x * 3), 2)]
 
 
+def cell_tokens(cell: str, grid: tuple[int, int]) -> np.ndarray:
+    """The tokens of an (h, w) grid over the canvas whose centres lie in `cell` (one of CELLS) -> (h, w) bool.
+    E.g. on the 8x8 grid of 4 px patches at 32 px, "top left" is rows 0-2 and columns 0-2 (centres 2, 6, 10 px <
+    10.7 px), "center" rows and columns 3-4."""
+    if cell not in CELLS:
+        raise ValueError(f"unknown cell {cell!r}; cells are {CELLS}")
+    r, c = divmod(CELLS.index(cell), 3)
+    rows, cols = ((np.floor((np.arange(n) + 0.5) * 3 / n)).astype(int) for n in grid)
+    return (rows[:, None] == r) & (cols[None, :] == c)
+
+
 def _place(rng: np.random.Generator, shape: str, size: str, cell: str) -> tuple[float, tuple[float, float]] | None:
     """Draw extent and centroid so the centroid sits CELL_MARGIN inside `cell`, the box inside the canvas."""
     extent = SIZES[size] * rng.uniform(0.95, 1.05)

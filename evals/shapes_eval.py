@@ -15,6 +15,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nextx.infer import grid_image, to_pil
@@ -51,6 +52,19 @@ def noun_phrases(caption: str) -> str | list[str]:
     return caption if len(nps) == 1 else [format_caption(Caption((n,))) for n in nps]
 
 
+def part_region(text: str, grid: tuple[int, int]) -> np.ndarray | None:
+    """Regional composition on shapes (`Pipeline.t2i(regions=)`): a part's finished text -> the tokens of the cell
+    it names (`data_tools.shapes.cell_tokens`), or None when it names none or is not in the caption language (the
+    part then guides only where no part claims; `generate.region_weights`)."""
+    from data_tools.shapes import ParseError, cell_tokens, parse_caption
+
+    try:
+        nps = parse_caption(text).nps
+    except ParseError:
+        return None
+    return cell_tokens(nps[0].cell, grid) if len(nps) == 1 and nps[0].cell else None
+
+
 def shown_prompt(caption: str, drawn, written) -> str:
     """The grid's label: what the model was given (the caption, or its parts joined by AND), each with the words
     the model added in brackets."""
@@ -63,7 +77,7 @@ def shown_prompt(caption: str, drawn, written) -> str:
 def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_scale: float, batch: int,
              seed: int, out: Path | None = None, sampler: str | None = None, shift: float | None = None, clip=None,
              layout: bool = False, captions_too: bool = True, complete: int = 0, temperature: float = 1.0,
-             compose: bool = False) -> dict:
+             compose: bool = False, regions: bool = False) -> dict:
     """Generate and score (module docstring). clip: an `evals.clip_align.Clip` to add CLIPScore of (prompt, image)
     per step count beside the real held-out images' and shuffled prompts', and CLIP similarity of (image, generated
     caption) beside (image, true caption). layout: also draw every prompt's image from another noise, and every noise
@@ -74,7 +88,8 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     (`Pipeline.t2i`); res["written"]: what it wrote per prompt (the same at every step count: the words are sampled
     before the images' noise); the images are scored against the prompt alone. compose: a prompt of several noun
     phrases is drawn as one image composed of them (`noun_phrases`; relation words are not given to the model),
-    each phrase completed on its own; res["drawn_as"]: what the model was given per prompt.
+    each phrase completed on its own; res["drawn_as"]: what the model was given per prompt. regions (with compose):
+    each part alone guides the tokens of the cell its finished text names (`part_region`), all parts the rest.
     res["unknown_token_prompts"]: prompts holding <unk> (words the text tokenizer never saw in training)."""
     from evals.shapes_score import layout_overlap, score_captions
     from nextx.infer import Pipeline
@@ -84,13 +99,16 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     sampler = sampler or pipe.sampler
     shift = pipe.shift if shift is None else shift
     captions = [d.texts[0] for d in docs]
+    if regions and not compose:
+        raise ValueError("regions place the parts of a composed prompt: they need compose=True")
     as_drawn = noun_phrases if compose else (lambda c: c)
+    where = (lambda text: part_region(text, image_tok.grid)) if regions else None
     drawn = [as_drawn(c) for c in captions]
     shuffled = captions[:]
     random.Random(seed).shuffle(shuffled)
     res: dict = {"n": len(docs), "sampler": sampler, "shift": shift, "cfg_scale": cfg_scale, "t2i": {},
                  "complete": complete, "temperature": temperature if complete else None, "prompts": captions,
-                 "written": None, "compose": compose, "drawn_as": drawn if compose else None,
+                 "written": None, "compose": compose, "regions": regions, "drawn_as": drawn if compose else None,
                  "caption": None,
                  "unknown_token_prompts": sum(text_tok.unk_id in text_tok.encode(c) for c in captions)}
     grids: dict[int, list] = {}
@@ -98,7 +116,7 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
         t0 = time.perf_counter()
         px, written = pipe.t2i(drawn, steps=k, sampler=sampler, shift=shift, cfg_scale=cfg_scale, seed=seed,
                                batch_size=batch, progress=True, complete=complete, temperature=temperature,
-                               return_written=True)
+                               return_written=True, regions=where)
         ims = to_pil(px)
         if complete:
             res["written"] = written
@@ -118,7 +136,7 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
             res["t2i"][k]["fd"] = frechet_distance(clip, [d.images[0].pixels for d in docs], ims)
         if layout:
             kw = dict(steps=k, sampler=sampler, shift=shift, cfg_scale=cfg_scale, batch_size=batch,
-                      complete=complete, temperature=temperature)
+                      complete=complete, temperature=temperature, regions=where)
             other_prompt = to_pil(pipe.t2i([as_drawn(c) for c in shuffled], seed=seed, **kw))  # same noise
             other_noise = to_pil(pipe.t2i(drawn, seed=seed + 1, **kw))                # same prompt, other noise
             res["t2i"][k]["layout"] = {"same_noise_other_prompt": layout_overlap(ims, other_prompt),
@@ -231,6 +249,7 @@ def t2i_table(res: dict, sampler: str) -> str:
     grid = f", t-grid shift {res['shift']:g}" if res.get("shift", 1.0) != 1.0 else ""
     done = (", each prompt of several objects drawn as its noun phrases composed (relation words not given)"
             if res.get("compose") else "")
+    done += ", each part guiding the cell its words name (regions)" if res.get("regions") else ""
     done += (f", each prompt{' part' if res.get('compose') else ''} first finished by the model in up to "
              f"{res['complete']} tokens at temperature {res['temperature']:g}" if res.get("complete") else "")
     lines = [f"text-to-image on {res['n']} held-out prompts ({sampler}{grid}, cfg {res['cfg_scale']}{done}): fact "
@@ -325,11 +344,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compose", action="store_true", help="draw a prompt of several objects as its noun phrases, "
                    "one image guided by each (composed guidance; a relation word is not given to the model); "
                    "scored against the whole prompt")
+    p.add_argument("--regions", action="store_true", help="with --compose: each part alone guides the cell its "
+                   "finished text names (regional composition), all parts the cells no part names")
     p.add_argument("--layout", action="store_true", help="also measure what decides the layout: foreground overlap "
                    "of images from the same noise under another prompt, and of the same prompt from another noise")
     a = p.parse_args(argv)
     if a.complete < 0 or a.temperature < 0:
         p.error(f"--complete and --temperature must be >= 0, got {a.complete}, {a.temperature}")
+    if a.regions and not a.compose:
+        p.error("--regions places the parts of composed prompts: it needs --compose")
     if a.n < 1 or a.batch < 1 or a.cfg_scale < 0:
         p.error(f"--n and --batch must be >= 1 and --cfg-scale >= 0, got {a.n}, {a.batch}, {a.cfg_scale}")
     if a.shift is not None and a.shift <= 0:
@@ -353,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     docs = held_out_docs(cfg, a.n, a.split, a.shards)
     res = run_eval(model, cfg, text_tok, image_tok, special, docs, steps, cfg_scale=a.cfg_scale, batch=a.batch,
                    seed=a.seed, out=out, sampler=a.sampler, shift=a.shift, clip=clip, layout=a.layout,
-                   captions_too=a.captions, complete=a.complete, temperature=a.temperature, compose=a.compose)
+                   captions_too=a.captions, complete=a.complete, temperature=a.temperature, compose=a.compose,
+                   regions=a.regions)
     (out / "eval.json").write_text(json.dumps(res, indent=2))
     print(format_table(res))
     print(f"-> {out / 'eval.json'}")

@@ -6,6 +6,7 @@ classifier-free guidance, captioning, interleaved text-image documents.
     docs = generate(model, prompts, special, grid=(h, w), force_boi_at=(3,))               # B segment lists
     x, words = t2i_completed(model, prompts, special, grid=(h, w), latent_dim=C, complete=8, steps=4)  # words first
     x = t2i(model, [red_circle, blue_square], special, grid=(h, w), latent_dim=C, steps=4, image_of=[0, 0])  # composed
+    x = t2i(model, [red_circle, blue_square], ..., image_of=[0, 0], regions=claims)  # each part guides its (2, N) tokens
 
 `t2i` and `caption` take the arguments of the reference samplers in `tests/oracles.py` (full recomputation at every
 step) and return the same numbers (tests/test_generate.py); this module never re-runs a token it has cached.
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -285,31 +286,58 @@ def _has_parts(image_of: Sequence[int] | None) -> bool:
 
 
 def composed_guidance(g_cond: torch.Tensor, g_uncond: torch.Tensor, image_of: torch.Tensor, n_images: int,
-                      cfg_scale: float) -> torch.Tensor:
+                      cfg_scale: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Guidance over the parts of a prompt (composable diffusion, Liu et al. 2022), one output per image:
-    G_i = G_u + w Σ_{p of image i} (G_c,p − G_u,p). g_cond, g_uncond: (R, ...) per part row; image_of: (R,) int64,
-    the image of each row, every image in 0..n_images-1 holding at least one row; the unconditional rows of one image
-    see the same hidden prompt, so its first row's G_u stands for all. One part per image is plain guidance,
-    G_u + w (G_c − G_u). -> (n_images, ...)."""
+    G_i = G_u + w Σ_{p of image i} a_p ⊙ (G_c,p − G_u,p). g_cond, g_uncond: (R, N, ...) per part row; image_of: (R,)
+    int64, the image of each row, every image in 0..n_images-1 holding at least one row; the unconditional rows of one
+    image see the same hidden prompt, so its first row's G_u stands for all. weights: a_p, (R, N) per part row and
+    token (`region_weights`: regional composition); None: 1 everywhere. One part per image without weights is plain
+    guidance, G_u + w (G_c − G_u). -> (n_images, N, ...)."""
     R = len(image_of)
     first = torch.full((n_images,), R, dtype=torch.int64, device=image_of.device).scatter_reduce(
         0, image_of, torch.arange(R, device=image_of.device), reduce="amin")                # each image's first row
     if bool((first == R).any()):
         raise ValueError(f"image_of must give every image 0..{n_images - 1} at least one part, got {image_of.tolist()}")
+    term = cfg_scale * (g_cond - g_uncond)
+    if weights is not None:
+        if weights.shape != g_cond.shape[:2]:
+            raise ValueError(f"weights must be (rows, tokens) = {tuple(g_cond.shape[:2])}, got {tuple(weights.shape)}")
+        term = term * weights.to(term).reshape(*weights.shape, *[1] * (term.dim() - 2))
     delta = torch.zeros((n_images, *g_cond.shape[1:]), dtype=g_cond.dtype, device=g_cond.device)
-    return g_uncond[first] + delta.index_add_(0, image_of, cfg_scale * (g_cond - g_uncond))
+    return g_uncond[first] + delta.index_add_(0, image_of, term)
+
+
+def region_weights(claims: torch.Tensor, image_of: torch.Tensor, n_images: int) -> torch.Tensor:
+    """Regional composition (the layout decides which part guides where): each token of an image is guided by the
+    parts that claim it, shared equally, and a token no part of its image claims by all of its parts, shared equally.
+    claims: (R, N) bool, the tokens each part row claims (its region; a row of False claims none); image_of: (R,)
+    int64, the image of each row. -> a_p for `composed_guidance`, (R, N) float64: at every token the weights of an
+    image's parts sum to 1, so G is a convex combination of the parts' own guided estimates G_u + w (G_c,p − G_u)."""
+    if claims.dim() != 2 or claims.shape[0] != len(image_of):
+        raise ValueError(f"claims must be (rows, tokens) with one row per entry of image_of ({len(image_of)}), "
+                         f"got {tuple(claims.shape)}")
+    c = claims.to(torch.float64)
+    per_image = torch.zeros((n_images, c.shape[1]), dtype=torch.float64, device=c.device).index_add_(0, image_of, c)
+    claimed = per_image[image_of]                                                  # (R, N): claimants of the token
+    parts = torch.bincount(image_of, minlength=n_images).to(torch.float64)[image_of][:, None]      # (R, 1)
+    return torch.where(claimed > 0, c / claimed.clamp_min(1.0), 1.0 / parts)
 
 
 def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, steps: int,
            sampler: str = "pushforward", cfg_scale: float = 1.0, sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX,
            eps: float = 0.0, schedule: str = "uniform", shift: float = 1.0,
-           generator: torch.Generator | None = None, image_of: Sequence[int] | None = None):
+           generator: torch.Generator | None = None, image_of: Sequence[int] | None = None,
+           regions: torch.Tensor | None = None):
     """Draw one image for each of `rows`, whose cache ends with the image's `<boi>`. -> (x (I, N, C) float32,
     x0 (I, N, C) float64: the initial noise). The cache is read, never written (the caller commits x).
     image_of: the image (0..I-1) each row is a part of (None: one image per row, I = R); an image of several
-    parts is drawn with `composed_guidance` at cfg_scale (then the cache needs its unconditional rows even at 1)."""
+    parts is drawn with `composed_guidance` at cfg_scale (then the cache needs its unconditional rows even at 1).
+    regions: (R, N) bool, the tokens each part claims (regional composition, `region_weights`; needs image_of)."""
     _check_sampler(sampler, steps)
     mapped = image_of is not None
+    if regions is not None and (not mapped or tuple(regions.shape) != (len(rows), grid[0] * grid[1])):
+        raise ValueError(f"regions must come with image_of and be (rows, tokens) = ({len(rows)}, "
+                         f"{grid[0] * grid[1]}), got {tuple(regions.shape)} with image_of={image_of}")
     n_img = len(set(image_of)) if mapped else len(rows)                       # I, the images drawn
     if mapped and len(image_of) != len(rows):
         raise ValueError(f"image_of has {len(image_of)} entries for {len(rows)} rows")
@@ -347,6 +375,7 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
     ctx = cache.text_context(rows, guide) if getattr(model, "text_mlp", None) is not None else None
 
     img_of = torch.tensor(list(image_of), dtype=torch.int64, device=dev) if mapped else None
+    weights = None if regions is None else region_weights(regions.to(dev), img_of, n_img)
     x0 = torch.randn((n_img, N, C), generator=generator, dtype=torch.float64) * sigma_d
     x = x0.to(dev)
     ts = imm.sampling_times(steps, T=T, eps=eps, schedule=schedule, shift=shift)  # (steps + 1,) float64
@@ -360,7 +389,7 @@ def refine(model, cache: Cache, rows: Sequence[int], grid: tuple[int, int], *, s
         G = model(ModelInput(ids, kq, pos, pos2d, xx.float(), img, t, s, mask, ctx=ctx), past=past,
                   text_mask=no_text).latent_out.double()
         if guide and mapped:
-            G = composed_guidance(G[:R], G[R:], img_of, n_img, cfg_scale)
+            G = composed_guidance(G[:R], G[R:], img_of, n_img, cfg_scale, weights)
         elif guide:
             G = G[R:] + cfg_scale * (G[:R] - G[R:])                                # G_u + w (G_c - G_u)
         elif mapped:                                                               # one row per image, reordered
@@ -395,13 +424,13 @@ def t2i(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: t
         steps: int, sampler: str = "pushforward", cfg_scale: float = 1.0, sigma_d: float = imm.SIGMA_D,
         T: float = imm.T_MAX, eps: float = 0.0, schedule: str = "uniform", shift: float = 1.0,
         generator: torch.Generator | None = None, device=None, null_prompt: str = "hidden",
-        image_of: Sequence[int] | None = None) -> torch.Tensor:
+        image_of: Sequence[int] | None = None, regions: torch.Tensor | None = None) -> torch.Tensor:
     """Text-to-image, cached. prompts: B lists of text ids (no <bos>) -> latents (B, N, C) float32.
 
     Same arguments and numbers as `tests/oracles.t2i_reference`: prefill `<bos> prompt <boi>` for all rows in one
     forward (two halves with guidance), then `steps` forwards of the noise splits only.
     image_of: prompts as parts of I images (the image of each prompt, 0..I-1), drawn with `composed_guidance`:
-    -> (I, N, C)."""
+    -> (I, N, C). regions: (B, N) bool, the tokens each part claims (regional composition, `region_weights`)."""
     _check_sampler(sampler, steps)
     if latent_dim != model.latent_dim:
         raise ValueError(f"latent_dim={latent_dim} but the model has {model.latent_dim}")
@@ -413,21 +442,24 @@ def t2i(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: t
             want_logits=False)
     x, _ = refine(model, cache, list(range(len(prompts))), grid, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                   sigma_d=sigma_d, T=T, eps=eps, schedule=schedule, shift=shift, generator=generator,
-                  image_of=image_of)
+                  image_of=image_of, regions=regions)
     return x
 
 
 @torch.no_grad()
 def t2i_completed(model, prompts: Sequence[Sequence[int]], special: SpecialIds, *, grid: tuple[int, int],
                   latent_dim: int, complete: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None, device=None, **image_kw) -> tuple[torch.Tensor, list]:
+                  generator: torch.Generator | None = None, device=None,
+                  regions: Callable[[list[list[int]]], torch.Tensor | None] | None = None,
+                  **image_kw) -> tuple[torch.Tensor, list]:
     """Text-to-image where the model may first finish the prompt: it writes up to `complete` text tokens after it
     (sampled at `temperature`, top_k, top_p; never `<eos>` or a layout token) and stops where it samples `<boi>`;
     then `t2i` draws from prompt + written words, all rows at once. What a prompt leaves open (where, how large) is
     so chosen in words, by the model's own language model, before the image. prompts: B lists of text ids (no
     <bos>); image_kw: `t2i`'s sampler keywords. The words are sampled from `generator` before the images' noise, so
     they do not depend on the sampler. -> (latents (B, N, C) float32, or (I, N, C) with image_kw's `image_of`; B
-    lists of the written ids, without `<boi>`)."""
+    lists of the written ids, without `<boi>`). regions: called with the finished prompts (B lists of ids, prompt +
+    words) -> `t2i`'s regions ((B, N) bool, or None): where each part goes can be read from the words written."""
     if complete < 0:
         raise ValueError(f"complete must be >= 0 text tokens, got {complete}")
     written: list[list[int]] = [[] for _ in prompts]
@@ -437,8 +469,9 @@ def t2i_completed(model, prompts: Sequence[Sequence[int]], special: SpecialIds, 
                         suppress=(special.pad, special.bos, special.eoi, special.eos), generator=generator,
                         device=device)
         written = [[t for seg in segs for t in seg] for segs in rows]
-    x = t2i(model, [list(p) + w for p, w in zip(prompts, written)], special, grid=grid, latent_dim=latent_dim,
-            generator=generator, device=device, **image_kw)
+    finished = [list(p) + w for p, w in zip(prompts, written)]
+    x = t2i(model, finished, special, grid=grid, latent_dim=latent_dim, generator=generator, device=device,
+            regions=None if regions is None else regions(finished), **image_kw)
     return x, written
 
 

@@ -25,7 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -119,12 +119,15 @@ class Pipeline:
     def t2i(self, prompts: Sequence[str | Sequence[str]], *, steps: int | None = None, cfg_scale: float | None = None,
             sampler: str | None = None, schedule: str = "uniform", shift: float | None = None, seed: int = 0,
             batch_size: int = 16, progress: bool = False, complete: int = 0, temperature: float = 1.0,
-            return_written: bool = False):
+            return_written: bool = False, regions: Callable[[str], np.ndarray | None] | None = None):
         """Prompts -> images (B, 3, H, W) float32 in [0, 1] on CPU. A prompt given as a list of strings is drawn
         as one image composed of its parts (`generate.composed_guidance` at the guidance scale: each part, e.g. one
         object, guides the same image). complete > 0: the model first finishes each prompt (each part) in up to
         `complete` text tokens sampled at `temperature`, then draws (`generate.t2i_completed`); return_written=True:
-        -> (images, what it wrote: per prompt a string, "" where it opened the image at once, or per part a list)."""
+        -> (images, what it wrote: per prompt a string, "" where it opened the image at once, or per part a list).
+        regions: regional composition of prompts of several parts: a part's finished text (its words included) -> the
+        (h, w) bool mask of the token grid it claims, or None for none (`generate.region_weights`: each part alone
+        guides its region, all parts share the rest)."""
         from tqdm import tqdm
 
         kw = self._image_kw(steps, cfg_scale, sampler, schedule, shift)
@@ -136,15 +139,32 @@ class Pipeline:
                 raise ValueError("a composed prompt needs at least one part, got an empty list")
             image_of = [j for j, q in enumerate(parts) for _ in q]
             ids = [self.text_tok.encode(x) for q in parts for x in q]
+            composed = len(ids) > len(batch)
             lat, w = generate.t2i_completed(self.model, ids, self.special, grid=self.image_tok.grid,
                                             latent_dim=self.image_tok.token_dim, complete=complete,
                                             temperature=temperature, generator=torch.Generator().manual_seed(seed + i),
-                                            image_of=image_of if len(ids) > len(batch) else None, **kw)
+                                            image_of=image_of if composed else None,
+                                            regions=self._claims(regions) if composed and regions else None, **kw)
             w = iter(self.text_tok.decode(x) for x in w)
             written += [next(w) if isinstance(p, str) else [next(w) for _ in p] for p in batch]
             out.append(self.image_tok.decode(lat).cpu())
         ims = torch.cat(out) if out else torch.zeros(0, 3, self.image_tok.image_size, self.image_tok.image_size)
         return (ims, written) if return_written else ims
+
+    def _claims(self, regions: Callable[[str], np.ndarray | None]) -> Callable[[list[list[int]]], torch.Tensor]:
+        """`Pipeline.t2i`'s regions (text -> (h, w) mask) as `generate.t2i_completed`'s (ids -> (R, N) bool)."""
+        h, w = self.image_tok.grid
+
+        def claims(rows: list[list[int]]) -> torch.Tensor:
+            out = torch.zeros((len(rows), h * w), dtype=torch.bool)
+            for j, ids in enumerate(rows):
+                m = regions(self.text_tok.decode(ids))
+                if m is not None:
+                    if np.shape(m) != (h, w):
+                        raise ValueError(f"regions returned a mask of shape {np.shape(m)} for the {h}x{w} token grid")
+                    out[j] = torch.from_numpy(np.asarray(m, dtype=bool).reshape(-1))
+            return out
+        return claims
 
     @torch.no_grad()
     def caption(self, images, *, max_new_tokens: int = 48, temperature: float = 0.0, top_k: int = 0,

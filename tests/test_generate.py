@@ -392,6 +392,53 @@ def test_composed_guidance_by_hand():
         generate.composed_guidance(gc, gu, torch.tensor([0, 0, 2]), 3, 2.0)
 
 
+def test_region_weights_by_hand():
+    """A token claimed by k parts of its image: 1/k for each of them, 0 for the others; a token no part of its image
+    claims: 1/(parts of the image) for each; an image of one part: 1 everywhere."""
+    claims = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    a = generate.region_weights(claims[:3], torch.tensor([0, 0, 1]), 2)
+    assert a.tolist() == [[1.0, 0.5, 0.0, 0.5], [0.0, 0.5, 1.0, 0.5], [1.0, 1.0, 1.0, 1.0]]
+    a = generate.region_weights(claims, torch.tensor([0, 1, 0, 0]), 2)               # image 0: rows 0, 2, 3
+    assert a.tolist() == [[0.5, 1.0, 1 / 3, 1 / 3], [1.0] * 4, [0.0, 0.0, 1 / 3, 1 / 3], [0.5, 0.0, 1 / 3, 1 / 3]]
+    with pytest.raises(ValueError, match="one row per entry"):
+        generate.region_weights(claims, torch.tensor([0, 0]), 1)
+
+
+def test_composed_guidance_weights_by_hand():
+    """With weights a_p: G_i = G_u + w sum_p a_p (G_c,p - G_u,p), per token."""
+    gc = torch.tensor([[[1.0], [2.0]], [[3.0], [5.0]]])                              # (R=2, N=2, C=1)
+    gu = torch.tensor([[[0.5], [1.0]], [[0.5], [1.0]]])
+    out = generate.composed_guidance(gc, gu, torch.tensor([0, 0]), 1, 2.0, torch.tensor([[1.0, 0.25], [0.0, 0.75]]))
+    assert out.tolist() == [[[0.5 + 2 * 0.5], [1.0 + 2 * (0.25 * 1.0 + 0.75 * 4.0)]]]
+    with pytest.raises(ValueError, match="weights must be"):
+        generate.composed_guidance(gc, gu, torch.tensor([0, 0]), 1, 2.0, torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_t2i_regions(model, cfg_scale):
+    """Regional composition: a part that claims every token and one that claims none draw the first part's image
+    alone (plain guidance, the same noise); a prompt given as two parts that claim nothing is plain guidance at the
+    scale (not twice it); two disjoint regions differ from the composition without them."""
+    kw = dict(grid=GRID, latent_dim=C, steps=2, sampler="restart", cfg_scale=cfg_scale)
+    every, none = torch.ones(N, dtype=torch.bool), torch.zeros(N, dtype=torch.bool)
+    alone = generate.t2i(model, [[5, 6], [7, 8, 9]], SP, image_of=[0, 0], regions=torch.stack([every, none]),
+                         generator=gen(3), **kw)
+    once = generate.t2i(model, [[5, 6]], SP, generator=gen(3), **kw)
+    assert alone.shape == (1, N, C) and (alone - once).abs().max() < TOL
+    shared = generate.t2i(model, [[5, 6], [5, 6]], SP, image_of=[0, 0], regions=torch.stack([none, none]),
+                          generator=gen(3), **kw)
+    assert (shared - once).abs().max() < TOL
+    half = torch.arange(N) < N // 2
+    split = generate.t2i(model, [[5, 6], [7, 8, 9]], SP, image_of=[0, 0], regions=torch.stack([half, ~half]),
+                         generator=gen(3), **kw)
+    plain = generate.t2i(model, [[5, 6], [7, 8, 9]], SP, image_of=[0, 0], generator=gen(3), **kw)
+    assert (split - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="regions must come with image_of"):
+        generate.t2i(model, [[5, 6], [7]], SP, regions=torch.stack([half, ~half]), **kw)
+    with pytest.raises(ValueError, match="regions must come with image_of"):
+        generate.t2i(model, [[5, 6], [7]], SP, image_of=[0, 0], regions=half[None], **kw)
+
+
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
 def test_t2i_composed_prompts(model, cfg_scale):
     """Parts of one image: a prompt given twice as two parts is plain guidance at twice the scale (from the same
@@ -497,6 +544,30 @@ def test_api_t2i_caption_generate(run_dir):
     assert sum(isinstance(s, Image) for s in doc.segments) == 2
     assert all(s.pixels.size == (8, 8) and s.latents.shape == (16, 12) for s in doc.segments if isinstance(s, Image))
     assert all(isinstance(s, (Text, Image)) for s in doc.segments) and doc.meta["prompt"] == "a red"
+
+
+def test_pipeline_regions(run_dir):
+    """`Pipeline.t2i(regions=)`: called with each part's finished text (prompt + words); a part claiming the whole
+    grid beside one claiming nothing draws that part's image alone; a mask of the wrong shape is refused."""
+    from nextx.infer import Pipeline
+
+    g = Pipeline.from_run(run_dir / "r")
+    h, w = g.image_tok.grid
+    seen = []
+
+    def where(text):
+        seen.append(text)
+        return np.ones((h, w), bool) if text.startswith("a red circle") else None
+
+    alone = g.t2i([["a red circle", "blue"]], steps=2, seed=0, regions=where)
+    assert seen == ["a red circle", "blue"]
+    assert (alone - g.t2i(["a red circle"], steps=2, seed=0)).abs().max() < 1e-5
+    seen.clear()
+    _, written = g.t2i([["a red circle", "blue"]], steps=2, seed=0, regions=where, complete=2, return_written=True)
+    assert len(seen) == 2 and all(t.startswith(p) and t.endswith(x.strip())
+                                  for t, p, x in zip(seen, ["a red circle", "blue"], written[0]))
+    with pytest.raises(ValueError, match="token grid"):
+        g.t2i([["a red circle", "blue"]], steps=1, regions=lambda text: np.ones((h + 1, w), bool))
 
 
 def test_pipeline_samples_as_the_run_trained(run_dir):

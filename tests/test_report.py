@@ -191,3 +191,10 @@ def test_eval_shapes_compose_draws_noun_phrases(runs, capsys):
     for d, w, p in zip(r["drawn_as"], r["written"], r["prompts"]):
         assert (d == p and isinstance(w, str)) or (d == noun_phrases(p) and len(w) == len(d))
     assert "drawn as its noun phrases composed" in capsys.readouterr().out
+    out = runs / "regions"
+    assert main([str(runs / "runs" / "imm"), "--n", "4", "--steps", "1", "--no-captions", "--compose", "--complete",
+                 "2", "--regions", "--out", str(out)]) == 0
+    r = json.loads((out / "eval.json").read_text())
+    assert r["regions"] and r["compose"] and "each part guiding the cell its words name" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([str(runs / "runs" / "imm"), "--n", "4", "--regions"])                 # --regions needs --compose

@@ -55,6 +55,36 @@ def test_malformed_captions_raise(text):
         parse_caption(text)
 
 
+def test_cell_tokens_by_hand():
+    """Token centres at 32 px with 4 px patches: 2, 6, 10 | 14, 18 | 22, 26, 30 against cell borders 10.7 / 21.3."""
+    from data_tools.shapes import CELLS, cell_tokens
+
+    tl = np.zeros((8, 8), bool)
+    tl[:3, :3] = True
+    assert (cell_tokens("top left", (8, 8)) == tl).all()
+    c = np.zeros((8, 8), bool)
+    c[3:5, 3:5] = True
+    assert (cell_tokens("center", (8, 8)) == c).all()
+    br = np.zeros((8, 8), bool)
+    br[5:, 5:] = True
+    assert (cell_tokens("bottom right", (8, 8)) == br).all()
+    for grid in ((8, 8), (4, 6), (3, 3)):                        # the nine cells tile any grid, each token once
+        assert (sum(cell_tokens(cell, grid).astype(int) for cell in CELLS) == 1).all()
+    assert cell_tokens("middle right", (3, 3)).tolist() == [[0, 0, 0], [0, 0, 1], [0, 0, 0]]
+    with pytest.raises(ValueError, match="unknown cell"):
+        cell_tokens("left", (8, 8))
+
+
+def test_part_region_reads_the_cell_of_a_finished_part():
+    from data_tools.shapes import cell_tokens
+    from evals.shapes_eval import part_region
+
+    assert (part_region("a small red circle in the top middle", (8, 8)) == cell_tokens("top middle", (8, 8))).all()
+    assert part_region("a small red circle", (8, 8)) is None                    # no cell named: claims nothing
+    assert part_region("a small red circle in the top", (8, 8)) is None         # words outside the language
+    assert part_region("a red circle above a blue square", (8, 8)) is None      # not one part
+
+
 def test_relation_and_facts_mapping():
     cap = parse_caption("a large red circle to the right of a blue square in the center")
     assert cap == Caption((NP("red", "circle", "large"), NP("blue", "square", None, "center")), "to the right of")
