@@ -65,6 +65,35 @@ def part_region(text: str, grid: tuple[int, int]) -> np.ndarray | None:
     return cell_tokens(nps[0].cell, grid) if len(nps) == 1 and nps[0].cell else None
 
 
+def words_fit(caption: str, texts: list[str]) -> bool:
+    """Whether the words the model added to a prompt fit it (`Pipeline.t2i(accept=)`). caption: the prompt; texts:
+    its parts' finished texts (one per noun phrase of `noun_phrases`, or the prompt itself). They fit when every part
+    names a cell, no two parts the same cell (the shapes world puts one object in a cell), and the prompt's relation,
+    if any, holds between its two parts' cells (a column to the left / right, a row above / below)."""
+    from data_tools.shapes import CELLS, ParseError, parse_caption
+
+    try:
+        cells = [parse_caption(t).nps for t in texts]
+    except ParseError:
+        return False
+    if any(len(nps) != 1 or nps[0].cell is None for nps in cells):
+        return False
+    rc = [divmod(CELLS.index(nps[0].cell), 3) for nps in cells]
+    if len(set(rc)) < len(rc):
+        return False
+    rel = parse_caption(caption).relation
+    if rel is None:
+        return True
+    (ra, ca), (rb, cb) = rc
+    return {"to the left of": ca < cb, "to the right of": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
+
+
+def _finished(drawn: str | list[str], written: str | list[str]) -> list[str]:
+    """A prompt's parts with the words the model added to each."""
+    parts, words = ([drawn], [written]) if isinstance(drawn, str) else (drawn, written)
+    return [f"{p} {x}".strip() for p, x in zip(parts, words)]
+
+
 def shown_prompt(caption: str, drawn, written) -> str:
     """The grid's label: what the model was given (the caption, or its parts joined by AND), each with the words
     the model added in brackets."""
@@ -77,7 +106,7 @@ def shown_prompt(caption: str, drawn, written) -> str:
 def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_scale: float, batch: int,
              seed: int, out: Path | None = None, sampler: str | None = None, shift: float | None = None, clip=None,
              layout: bool = False, captions_too: bool = True, complete: int = 0, temperature: float = 1.0,
-             compose: bool = False, regions: bool = False) -> dict:
+             compose: bool = False, regions: bool = False, tries: int = 1) -> dict:
     """Generate and score (module docstring). clip: an `evals.clip_align.Clip` to add CLIPScore of (prompt, image)
     per step count beside the real held-out images' and shuffled prompts', and CLIP similarity of (image, generated
     caption) beside (image, true caption). layout: also draw every prompt's image from another noise, and every noise
@@ -90,6 +119,8 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     phrases is drawn as one image composed of them (`noun_phrases`; relation words are not given to the model),
     each phrase completed on its own; res["drawn_as"]: what the model was given per prompt. regions (with compose):
     each part alone guides the tokens of the cell its finished text names (`part_region`), all parts the rest.
+    tries > 1 (with complete): a prompt's words are written again, up to `tries` samples, while they do not fit it
+    (`words_fit`); res["words_fit"]: the share of prompts whose final words fit.
     res["unknown_token_prompts"]: prompts holding <unk> (words the text tokenizer never saw in training)."""
     from evals.shapes_score import layout_overlap, score_captions
     from nextx.infer import Pipeline
@@ -103,12 +134,13 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
         raise ValueError("regions place the parts of a composed prompt: they need compose=True")
     as_drawn = noun_phrases if compose else (lambda c: c)
     where = (lambda text: part_region(text, image_tok.grid)) if regions else None
+    fits = (lambda i, texts: words_fit(captions[i], texts)) if tries > 1 else None
     drawn = [as_drawn(c) for c in captions]
     shuffled = captions[:]
     random.Random(seed).shuffle(shuffled)
     res: dict = {"n": len(docs), "sampler": sampler, "shift": shift, "cfg_scale": cfg_scale, "t2i": {},
                  "complete": complete, "temperature": temperature if complete else None, "prompts": captions,
-                 "written": None, "compose": compose, "regions": regions, "drawn_as": drawn if compose else None,
+                 "written": None, "compose": compose, "regions": regions, "tries": tries, "drawn_as": drawn if compose else None,
                  "caption": None,
                  "unknown_token_prompts": sum(text_tok.unk_id in text_tok.encode(c) for c in captions)}
     grids: dict[int, list] = {}
@@ -116,10 +148,11 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
         t0 = time.perf_counter()
         px, written = pipe.t2i(drawn, steps=k, sampler=sampler, shift=shift, cfg_scale=cfg_scale, seed=seed,
                                batch_size=batch, progress=True, complete=complete, temperature=temperature,
-                               return_written=True, regions=where)
+                               return_written=True, regions=where, accept=fits, tries=tries)
         ims = to_pil(px)
         if complete:
             res["written"] = written
+            res["words_fit"] = sum(words_fit(c, _finished(d, w)) for c, d, w in zip(captions, drawn, written)) / len(docs)
         t_gen = time.perf_counter() - t0
         res["t2i"][k] = {**score_with_chance(ims, captions, seed), "seconds": time.perf_counter() - t0,
                          "gen_seconds": t_gen}
@@ -278,6 +311,9 @@ def t2i_table(res: dict, sampler: str) -> str:
         added = [(c, x) for c, x in zip(res["prompts"], w) if (any(x) if isinstance(x, list) else x)]
         lines.append(f"the model added words to {len(added)} of {len(w)} prompts, e.g. " + "; ".join(
             f"{c!r} + {x!r}" for c, x in added[:3]))
+        if "words_fit" in res:
+            lines.append(f"the final words fit {res['words_fit']:.2f} of the prompts (every part names a cell, no "
+                         f"two the same, the prompt's relation holds; up to {res.get('tries', 1)} samples)")
     return "\n".join(lines)
 
 
@@ -346,11 +382,16 @@ def main(argv: list[str] | None = None) -> int:
                    "scored against the whole prompt")
     p.add_argument("--regions", action="store_true", help="with --compose: each part alone guides the cell its "
                    "finished text names (regional composition), all parts the cells no part names")
+    p.add_argument("--tries", type=int, default=1, help="with --complete: write a prompt's words again, up to N "
+                   "samples, while they do not fit it (a part without a cell, two parts in one cell, cells against "
+                   "the prompt's relation; `words_fit`)")
     p.add_argument("--layout", action="store_true", help="also measure what decides the layout: foreground overlap "
                    "of images from the same noise under another prompt, and of the same prompt from another noise")
     a = p.parse_args(argv)
     if a.complete < 0 or a.temperature < 0:
         p.error(f"--complete and --temperature must be >= 0, got {a.complete}, {a.temperature}")
+    if a.tries < 1 or (a.tries > 1 and not a.complete):
+        p.error(f"--tries must be >= 1, and > 1 only with --complete (words to write again), got {a.tries}")
     if a.regions and not a.compose:
         p.error("--regions places the parts of composed prompts: it needs --compose")
     if a.n < 1 or a.batch < 1 or a.cfg_scale < 0:
@@ -377,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run_eval(model, cfg, text_tok, image_tok, special, docs, steps, cfg_scale=a.cfg_scale, batch=a.batch,
                    seed=a.seed, out=out, sampler=a.sampler, shift=a.shift, clip=clip, layout=a.layout,
                    captions_too=a.captions, complete=a.complete, temperature=a.temperature, compose=a.compose,
-                   regions=a.regions)
+                   regions=a.regions, tries=a.tries)
     (out / "eval.json").write_text(json.dumps(res, indent=2))
     print(format_table(res))
     print(f"-> {out / 'eval.json'}")

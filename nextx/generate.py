@@ -451,6 +451,7 @@ def t2i_completed(model, prompts: Sequence[Sequence[int]], special: SpecialIds, 
                   latent_dim: int, complete: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   generator: torch.Generator | None = None, device=None,
                   regions: Callable[[list[list[int]]], torch.Tensor | None] | None = None,
+                  accept: Callable[[list[list[int]]], Sequence[bool]] | None = None, tries: int = 1,
                   **image_kw) -> tuple[torch.Tensor, list]:
     """Text-to-image where the model may first finish the prompt: it writes up to `complete` text tokens after it
     (sampled at `temperature`, top_k, top_p; never `<eos>` or a layout token) and stops where it samples `<boi>`;
@@ -459,16 +460,28 @@ def t2i_completed(model, prompts: Sequence[Sequence[int]], special: SpecialIds, 
     <bos>); image_kw: `t2i`'s sampler keywords. The words are sampled from `generator` before the images' noise, so
     they do not depend on the sampler. -> (latents (B, N, C) float32, or (I, N, C) with image_kw's `image_of`; B
     lists of the written ids, without `<boi>`). regions: called with the finished prompts (B lists of ids, prompt +
-    words) -> `t2i`'s regions ((B, N) bool, or None): where each part goes can be read from the words written."""
-    if complete < 0:
-        raise ValueError(f"complete must be >= 0 text tokens, got {complete}")
+    words) -> `t2i`'s regions ((B, N) bool, or None): where each part goes can be read from the words written.
+    accept: called with the finished prompts -> B bools; the words of the rows it rejects are sampled again (from the
+    same generator, the accepted rows kept), at most `tries` samples in all, the last kept if none is accepted."""
+    if complete < 0 or tries < 1:
+        raise ValueError(f"complete must be >= 0 text tokens and tries >= 1, got {complete}, {tries}")
     written: list[list[int]] = [[] for _ in prompts]
-    if complete:
-        rows = generate(model, [[list(p)] for p in prompts], special, grid=grid, max_new_tokens=complete,
+    todo = list(range(len(prompts))) if complete else []
+    for _ in range(tries if complete else 0):
+        rows = generate(model, [[list(prompts[j])] for j in todo], special, grid=grid, max_new_tokens=complete,
                         temperature=temperature, top_k=top_k, top_p=top_p, stop=(special.boi,), draw_images=False,
                         suppress=(special.pad, special.bos, special.eoi, special.eos), generator=generator,
                         device=device)
-        written = [[t for seg in segs for t in seg] for segs in rows]
+        for j, segs in zip(todo, rows):
+            written[j] = [t for seg in segs for t in seg]
+        if accept is None:
+            break
+        ok = list(accept([list(p) + w for p, w in zip(prompts, written)]))
+        if len(ok) != len(prompts):
+            raise ValueError(f"accept returned {len(ok)} verdicts for {len(prompts)} prompts")
+        todo = [j for j, good in enumerate(ok) if not good]
+        if not todo:
+            break
     finished = [list(p) + w for p, w in zip(prompts, written)]
     x = t2i(model, finished, special, grid=grid, latent_dim=latent_dim, generator=generator, device=device,
             regions=None if regions is None else regions(finished), **image_kw)

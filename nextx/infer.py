@@ -119,7 +119,8 @@ class Pipeline:
     def t2i(self, prompts: Sequence[str | Sequence[str]], *, steps: int | None = None, cfg_scale: float | None = None,
             sampler: str | None = None, schedule: str = "uniform", shift: float | None = None, seed: int = 0,
             batch_size: int = 16, progress: bool = False, complete: int = 0, temperature: float = 1.0,
-            return_written: bool = False, regions: Callable[[str], np.ndarray | None] | None = None):
+            return_written: bool = False, regions: Callable[[str], np.ndarray | None] | None = None,
+            accept: Callable[[int, list[str]], bool] | None = None, tries: int = 1):
         """Prompts -> images (B, 3, H, W) float32 in [0, 1] on CPU. A prompt given as a list of strings is drawn
         as one image composed of its parts (`generate.composed_guidance` at the guidance scale: each part, e.g. one
         object, guides the same image). complete > 0: the model first finishes each prompt (each part) in up to
@@ -127,7 +128,9 @@ class Pipeline:
         -> (images, what it wrote: per prompt a string, "" where it opened the image at once, or per part a list).
         regions: regional composition of prompts of several parts: a part's finished text (its words included) -> the
         (h, w) bool mask of the token grid it claims, or None for none (`generate.region_weights`: each part alone
-        guides its region, all parts share the rest)."""
+        guides its region, all parts share the rest). accept (with complete > 0): (index of the prompt in
+        `prompts`, its parts' finished texts) -> whether the words fit it; the words of a prompt they do not fit are
+        written again, all its parts, up to `tries` samples in all (`generate.t2i_completed`)."""
         from tqdm import tqdm
 
         kw = self._image_kw(steps, cfg_scale, sampler, schedule, shift)
@@ -144,12 +147,26 @@ class Pipeline:
                                             latent_dim=self.image_tok.token_dim, complete=complete,
                                             temperature=temperature, generator=torch.Generator().manual_seed(seed + i),
                                             image_of=image_of if composed else None,
-                                            regions=self._claims(regions) if composed and regions else None, **kw)
+                                            regions=self._claims(regions) if composed and regions else None,
+                                            accept=self._verdicts(accept, i, image_of) if accept else None,
+                                            tries=tries, **kw)
             w = iter(self.text_tok.decode(x) for x in w)
             written += [next(w) if isinstance(p, str) else [next(w) for _ in p] for p in batch]
             out.append(self.image_tok.decode(lat).cpu())
         ims = torch.cat(out) if out else torch.zeros(0, 3, self.image_tok.image_size, self.image_tok.image_size)
         return (ims, written) if return_written else ims
+
+    def _verdicts(self, accept: Callable[[int, list[str]], bool], first: int,
+                  image_of: list[int]) -> Callable[[list[list[int]]], list[bool]]:
+        """`Pipeline.t2i`'s accept (prompt index, its parts' texts -> bool) as `generate.t2i_completed`'s (the
+        batch's finished rows -> one verdict per row, every part of a prompt getting the prompt's)."""
+        def verdicts(rows: list[list[int]]) -> list[bool]:
+            texts: dict[int, list[str]] = {}
+            for j, ids in zip(image_of, rows):
+                texts.setdefault(j, []).append(self.text_tok.decode(ids))
+            ok = {j: bool(accept(first + j, t)) for j, t in texts.items()}
+            return [ok[j] for j in image_of]
+        return verdicts
 
     def _claims(self, regions: Callable[[str], np.ndarray | None]) -> Callable[[list[list[int]]], torch.Tensor]:
         """`Pipeline.t2i`'s regions (text -> (h, w) mask) as `generate.t2i_completed`'s (ids -> (R, N) bool)."""

@@ -392,6 +392,38 @@ def test_composed_guidance_by_hand():
         generate.composed_guidance(gc, gu, torch.tensor([0, 0, 2]), 3, 2.0)
 
 
+def test_t2i_completed_writes_rejected_words_again(model):
+    """accept: rows it rejects get new words (from the same generator), accepted rows keep theirs; at most `tries`
+    samples, the last kept; accepting everything is the same as no accept (same words, same latents)."""
+    kw = dict(grid=GRID, latent_dim=C, complete=3, steps=1, sampler="restart")
+    x, w = generate.t2i_completed(model, [[5, 6], [7]], SP, generator=gen(2), **kw)
+    calls = []
+
+    def yes(rows):
+        calls.append([list(r) for r in rows])
+        return [True] * len(rows)
+    x1, w1 = generate.t2i_completed(model, [[5, 6], [7]], SP, generator=gen(2), accept=yes, tries=4, **kw)
+    assert w1 == w and torch.equal(x1, x) and calls == [[[5, 6] + w[0], [7] + w[1]]]
+    calls.clear()
+
+    def second_row_once(rows):                                       # rejects row 1 at the first call only
+        calls.append([list(r) for r in rows])
+        return [True, len(calls) > 1]
+    _, w2 = generate.t2i_completed(model, [[5, 6], [7]], SP, generator=gen(2), accept=second_row_once, tries=4, **kw)
+    assert len(calls) == 2 and w2[0] == w[0] and calls[0][1] == [7] + w[1] and calls[1][1] == [7] + w2[1]
+    calls.clear()
+
+    def never(rows):
+        calls.append([list(r) for r in rows])
+        return [False] * len(rows)
+    _, w3 = generate.t2i_completed(model, [[5, 6], [7]], SP, generator=gen(2), accept=never, tries=3, **kw)
+    assert len(calls) == 3 and calls[-1] == [[5, 6] + w3[0], [7] + w3[1]]
+    with pytest.raises(ValueError, match="verdicts"):
+        generate.t2i_completed(model, [[5, 6], [7]], SP, accept=lambda rows: [True], tries=2, **kw)
+    with pytest.raises(ValueError, match="tries >= 1"):
+        generate.t2i_completed(model, [[5]], SP, tries=0, **kw)
+
+
 def test_region_weights_by_hand():
     """A token claimed by k parts of its image: 1/k for each of them, 0 for the others; a token no part of its image
     claims: 1/(parts of the image) for each; an image of one part: 1 everywhere."""
@@ -568,6 +600,13 @@ def test_pipeline_regions(run_dir):
                                   for t, p, x in zip(seen, ["a red circle", "blue"], written[0]))
     with pytest.raises(ValueError, match="token grid"):
         g.t2i([["a red circle", "blue"]], steps=1, regions=lambda text: np.ones((h + 1, w), bool))
+    asked = []
+
+    def fits(i, texts):                                    # a prompt's index in the call, its parts' finished texts
+        asked.append((i, texts))
+        return True
+    g.t2i([["a red circle", "blue"], "red"], steps=1, complete=2, accept=fits, tries=3, batch_size=1)
+    assert [i for i, _ in asked] == [0, 1] and len(asked[0][1]) == 2 and asked[1][1][0].startswith("red")
 
 
 def test_pipeline_samples_as_the_run_trained(run_dir):

@@ -85,6 +85,24 @@ def test_part_region_reads_the_cell_of_a_finished_part():
     assert part_region("a red circle above a blue square", (8, 8)) is None      # not one part
 
 
+def test_words_fit_the_prompt():
+    """Every part names a cell, no two the same, the relation holds between the cells."""
+    from evals.shapes_eval import words_fit
+
+    rel = "a red circle to the left of a blue square"
+    assert words_fit(rel, ["a red circle in the top left", "a blue square in the bottom middle"])
+    assert not words_fit(rel, ["a red circle in the top middle", "a blue square in the bottom middle"])  # one column
+    assert not words_fit(rel, ["a red circle in the top right", "a blue square in the center"])
+    assert words_fit("a red circle below a blue square", ["a red circle in the center", "a blue square in the top right"])
+    assert not words_fit("a red circle above a blue square", ["a red circle in the center", "a blue square in the top right"])
+    two = "a red circle and a blue square"
+    assert not words_fit(two, ["a red circle in the center", "a blue square in the center"])      # one cell
+    assert not words_fit(two, ["a red circle in the center", "a blue square"])                    # no cell
+    assert not words_fit(two, ["a red circle in the center", "a blue square in the"])             # not the language
+    assert words_fit("a white star", ["a white star in the bottom left"])
+    assert not words_fit("a white star", ["a white star"])
+
+
 def test_relation_and_facts_mapping():
     cap = parse_caption("a large red circle to the right of a blue square in the center")
     assert cap == Caption((NP("red", "circle", "large"), NP("blue", "square", None, "center")), "to the right of")
