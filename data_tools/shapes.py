@@ -385,6 +385,50 @@ def parse_caption(text: str) -> Caption:
     raise ParseError(f"not in the caption language: {text!r}")
 
 
+def noun_phrases(caption: str) -> str | list[str]:
+    """A caption of the shapes language -> its noun phrases as captions of their own (size, colour, shape and cell
+    kept; a relation dropped), or the caption itself when it names one object. E.g. "a red circle above a blue
+    square" -> ["a red circle", "a blue square"]."""
+    nps = parse_caption(caption).nps
+    return caption if len(nps) == 1 else [format_caption(Caption((n,))) for n in nps]
+
+
+def part_region(text: str, grid: tuple[int, int]) -> np.ndarray | None:
+    """Regional composition on shapes (`Pipeline.t2i(regions=)`): a part's finished text -> the tokens of the cell
+    it names (`cell_tokens`), or None when it names none or is not in the caption language (the
+    part then guides only where no part claims; `generate.region_weights`)."""
+    try:
+        nps = parse_caption(text).nps
+    except ParseError:
+        return None
+    return cell_tokens(nps[0].cell, grid) if len(nps) == 1 and nps[0].cell else None
+
+
+def words_fit(caption: str, texts: list[str]) -> bool:
+    """Whether the words the model added to a prompt fit it (`Pipeline.t2i(accept=)`). caption: the prompt; texts:
+    its parts' finished texts (one per noun phrase of `noun_phrases`, or the prompt itself). They fit when every part
+    names a cell, no two parts the same cell (the shapes world puts one object in a cell), and the prompt's relation,
+    if any, holds between its two parts' cells (a column to the left / right, a row above / below); a prompt outside
+    the caption language (e.g. parts joined by AND) states no relation."""
+    try:
+        cells = [parse_caption(t).nps for t in texts]
+    except ParseError:
+        return False
+    if any(len(nps) != 1 or nps[0].cell is None for nps in cells):
+        return False
+    rc = [divmod(CELLS.index(nps[0].cell), 3) for nps in cells]
+    if len(set(rc)) < len(rc):
+        return False
+    try:
+        rel = parse_caption(caption).relation
+    except ParseError:                                        # e.g. "A AND B" written by a user: no relation stated
+        rel = None
+    if rel is None:
+        return True
+    (ra, ca), (rb, cb) = rc
+    return {"to the left of": ca < cb, "to the right of": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
+
+
 def _relations_true(a: Mapping, b: Mapping, margin: float) -> list[str]:
     """Relations (surface form) for which 'a REL b' holds with `margin` between the centroids."""
     (ax, ay), (bx, by) = a["centroid"], b["centroid"]

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nextx.infer import grid_image, to_pil
+from data_tools.shapes import noun_phrases, part_region, words_fit
+from nextx.infer import finished_parts, grid_image, to_pil
 
 FACTS = ("count", "colour", "shape", "size", "position", "relation")
 
@@ -40,58 +41,6 @@ def held_out_docs(cfg, n: int, split: str | None = None, shards: str | None = No
 
         raise UserError(f"no documents in split {split!r} of {src}")
     return docs
-
-
-def noun_phrases(caption: str) -> str | list[str]:
-    """A caption of the shapes language -> its noun phrases as captions of their own (size, colour, shape and cell
-    kept; a relation dropped), or the caption itself when it names one object. E.g. "a red circle above a blue
-    square" -> ["a red circle", "a blue square"]."""
-    from data_tools.shapes import Caption, format_caption, parse_caption
-
-    nps = parse_caption(caption).nps
-    return caption if len(nps) == 1 else [format_caption(Caption((n,))) for n in nps]
-
-
-def part_region(text: str, grid: tuple[int, int]) -> np.ndarray | None:
-    """Regional composition on shapes (`Pipeline.t2i(regions=)`): a part's finished text -> the tokens of the cell
-    it names (`data_tools.shapes.cell_tokens`), or None when it names none or is not in the caption language (the
-    part then guides only where no part claims; `generate.region_weights`)."""
-    from data_tools.shapes import ParseError, cell_tokens, parse_caption
-
-    try:
-        nps = parse_caption(text).nps
-    except ParseError:
-        return None
-    return cell_tokens(nps[0].cell, grid) if len(nps) == 1 and nps[0].cell else None
-
-
-def words_fit(caption: str, texts: list[str]) -> bool:
-    """Whether the words the model added to a prompt fit it (`Pipeline.t2i(accept=)`). caption: the prompt; texts:
-    its parts' finished texts (one per noun phrase of `noun_phrases`, or the prompt itself). They fit when every part
-    names a cell, no two parts the same cell (the shapes world puts one object in a cell), and the prompt's relation,
-    if any, holds between its two parts' cells (a column to the left / right, a row above / below)."""
-    from data_tools.shapes import CELLS, ParseError, parse_caption
-
-    try:
-        cells = [parse_caption(t).nps for t in texts]
-    except ParseError:
-        return False
-    if any(len(nps) != 1 or nps[0].cell is None for nps in cells):
-        return False
-    rc = [divmod(CELLS.index(nps[0].cell), 3) for nps in cells]
-    if len(set(rc)) < len(rc):
-        return False
-    rel = parse_caption(caption).relation
-    if rel is None:
-        return True
-    (ra, ca), (rb, cb) = rc
-    return {"to the left of": ca < cb, "to the right of": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
-
-
-def _finished(drawn: str | list[str], written: str | list[str]) -> list[str]:
-    """A prompt's parts with the words the model added to each."""
-    parts, words = ([drawn], [written]) if isinstance(drawn, str) else (drawn, written)
-    return [f"{p} {x}".strip() for p, x in zip(parts, words)]
 
 
 def shown_prompt(caption: str, drawn, written) -> str:
@@ -152,7 +101,7 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
         ims = to_pil(px)
         if complete:
             res["written"] = written
-            res["words_fit"] = sum(words_fit(c, _finished(d, w)) for c, d, w in zip(captions, drawn, written)) / len(docs)
+            res["words_fit"] = sum(words_fit(c, finished_parts(d, w)) for c, d, w in zip(captions, drawn, written)) / len(docs)
         t_gen = time.perf_counter() - t0
         res["t2i"][k] = {**score_with_chance(ims, captions, seed), "seconds": time.perf_counter() - t0,
                          "gen_seconds": t_gen}

@@ -332,6 +332,26 @@ def _settings(g: Pipeline, a: argparse.Namespace, image: bool) -> dict:
     return s
 
 
+def finished_parts(drawn: str | list[str], written: str | list[str]) -> list[str]:
+    """A prompt's parts (or the prompt, as one part) with the words the model added to each (`Pipeline.t2i`'s
+    written)."""
+    parts, words = ([drawn], [written]) if isinstance(drawn, str) else (drawn, written)
+    return [f"{p} {x}".strip() for p, x in zip(parts, words)]
+
+
+def _parts(prompt: str) -> str | list[str]:
+    """`nextx t2i --compose`: a prompt's parts, split at ' AND ', or the noun phrases of a shapes caption naming
+    several objects (`data_tools.shapes.noun_phrases`), or the prompt itself."""
+    if " AND " in prompt:
+        return [x.strip() for x in prompt.split(" AND ")]
+    from data_tools.shapes import ParseError, noun_phrases
+
+    try:
+        return noun_phrases(prompt)
+    except ParseError:
+        return prompt
+
+
 def t2i_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nextx t2i", description="Text-to-image from a trained run: one PNG per prompt "
                                 "(000.png, 001.png, ...), grid.png and settings.json in --out.")
@@ -348,21 +368,35 @@ def t2i_main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --complete's words "
                    "(0 = greedy)")
     p.add_argument("--compose", action="store_true", help="a prompt 'A AND B' is one image guided by each part "
-                   "(composed guidance at --cfg-scale), e.g. one object per part")
+                   "(composed guidance at --cfg-scale), e.g. one object per part; a prompt of the shapes caption "
+                   "language naming several objects is drawn as its noun phrases (as `nextx eval shapes --compose`)")
+    p.add_argument("--regions", action="store_true", help="with --compose: each part guides only the cell its words "
+                   "name ('... in the top left'; the shapes caption language), all parts the rest")
+    p.add_argument("--tries", type=int, default=1, help="with --complete: write a prompt's words again, up to N "
+                   "samples, until they fit it in the shapes caption language (every part names a cell, no two the "
+                   "same, the prompt's relation holds; default 1: keep the first words)")
     a = p.parse_args(argv)
     _check(p, a)
     if a.complete < 0:
         p.error(f"--complete must be >= 0 text tokens, got {a.complete}")
+    if a.regions and not a.compose:
+        p.error("--regions places the parts of a composed prompt: add --compose")
+    if a.tries < 1 or (a.tries > 1 and not a.complete):
+        p.error(f"--tries must be >= 1, and > 1 only with --complete (the words written again); got {a.tries}")
     prompts = a.prompt or read_prompts(a.prompts_file)
     g = Pipeline.from_run(a.run, a.device, ema=a.ema)
-    warn_unknown(g, prompts)
     t0 = time.perf_counter()
-    drawn = [[x.strip() for x in pr.split(" AND ")] if a.compose and " AND " in pr else pr for pr in prompts]
+    drawn = [_parts(pr) if a.compose else pr for pr in prompts]
     if any(not x for d in drawn if isinstance(d, list) for x in d):
         p.error("--compose: a prompt has an empty part around ' AND '")
+    warn_unknown(g, [x for d in drawn for x in ([d] if isinstance(d, str) else d)])     # what the model reads
+    from data_tools.shapes import part_region, words_fit
+
+    where = (lambda text: part_region(text, g.image_tok.grid)) if a.regions else None
+    fits = (lambda i, texts: words_fit(prompts[i], texts)) if a.tries > 1 else None
     px, written = g.t2i(drawn, steps=a.steps, cfg_scale=a.cfg_scale, sampler=a.sampler, schedule=a.schedule,
                         shift=a.shift, seed=a.seed, batch_size=a.batch_size, progress=True, complete=a.complete,
-                        temperature=a.temperature, return_written=True)
+                        temperature=a.temperature, return_written=True, regions=where, accept=fits, tries=a.tries)
     secs = time.perf_counter() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -379,12 +413,15 @@ def t2i_main(argv: list[str] | None = None) -> int:
         if isinstance(d, list):
             item["parts"] = d
     if a.compose:
-        settings["compose"] = True
+        settings.update(compose=True, regions=a.regions)
     if a.complete:
-        settings.update(complete=a.complete, temperature=a.temperature)
-        for item, w in zip(settings["images"], written):
+        settings.update(complete=a.complete, temperature=a.temperature, tries=a.tries)
+        for item, d, w in zip(settings["images"], drawn, written):
             item["written"] = w
-            print(f"{item['file']}: {item['prompt']!r} + {w!r}")
+            if a.tries > 1:
+                item["words_fit"] = words_fit(item["prompt"], finished_parts(d, w))
+            print(f"{item['file']}: {item['prompt']!r} + {w!r}"
+                  + ("" if a.tries == 1 else "" if item["words_fit"] else f" (no words that fit in {a.tries} samples)"))
     (out / "settings.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False))
     print(f"{len(ims)} image(s) in {secs:.2f} s -> {out}/ (grid.png, settings.json)")
     return 0

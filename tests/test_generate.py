@@ -640,8 +640,10 @@ def test_cli_help():
         assert e.value.code == 0
 
 
-def test_cli_t2i_caption_generate(run_dir, tmp_path, capsys):
+def test_cli_t2i_caption_generate(run_dir, tmp_path, capsys, monkeypatch):
+    from data_tools.shapes import cell_tokens
     from nextx.cli import main
+    from nextx.infer import Pipeline
 
     (tmp_path / "prompts.txt").write_text("a red circle\n\nblue star\n")
     assert main(["t2i", str(run_dir / "r"), "--prompts-file", str(tmp_path / "prompts.txt"), "--steps", "2",
@@ -658,6 +660,32 @@ def test_cli_t2i_caption_generate(run_dir, tmp_path, capsys):
                  "--compose", "--out", str(tmp_path / "t2p"), "--device", "cpu"]) == 0
     s = json.loads((tmp_path / "t2p" / "settings.json").read_text())
     assert s["images"][0]["parts"] == ["a red", "blue"] and "parts" not in s["images"][1]
+    # a shapes caption of several objects is drawn as its noun phrases; --regions: each guides the cell it names
+    scene = ["--prompt", "a red circle in the top left to the left of a blue square in the center", "--steps", "1",
+             "--compose", "--device", "cpu", "--cfg-scale", "2"]
+    seen = {}
+    real = Pipeline.t2i
+
+    def spy(self, prompts, **kw):
+        seen.update(kw)
+        return real(self, prompts, **kw)
+    monkeypatch.setattr(Pipeline, "t2i", spy)
+    assert main(["t2i", str(run_dir / "r"), *scene, "--regions", "--out", str(tmp_path / "t2r")]) == 0
+    s = json.loads((tmp_path / "t2r" / "settings.json").read_text())
+    assert s["images"][0]["parts"] == ["a red circle in the top left", "a blue square in the center"] and s["regions"]
+    grid = (4, 4)                                                       # 8 px images of 2 px patches
+    assert (seen["regions"]("a blue square in the center") == cell_tokens("center", grid)).all()
+    assert seen["regions"]("a blue square") is None and seen["accept"] is None and seen["tries"] == 1
+    assert main(["t2i", str(run_dir / "r"), *scene[:-2], "--complete", "2", "--tries", "3", "--out",
+                 str(tmp_path / "t2w")]) == 0
+    s = json.loads((tmp_path / "t2w" / "settings.json").read_text())
+    assert s["tries"] == 3 and isinstance(s["images"][0]["words_fit"], bool) and seen["regions"] is None
+    assert seen["accept"](0, ["a red circle in the top left", "a blue square in the center"])     # left of: fits
+    assert not seen["accept"](0, ["a red circle in the center", "a blue square in the top left"])
+    for bad in (["--regions"], ["--tries", "2"], ["--complete", "2", "--tries", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(["t2i", str(run_dir / "r"), "--prompt", "a red", "--out", str(tmp_path / "bad"), *bad])
+        assert e.value.code == 2
     imgs = [str(run_dir / "in0.png"), str(tmp_path / "t2i" / "001.png")]
     assert main(["caption", str(run_dir / "r"), *imgs, "--out", str(tmp_path / "c.json"), "--max-new-tokens", "4",
                  "--device", "cpu"]) == 0

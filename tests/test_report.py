@@ -177,7 +177,8 @@ def test_eval_shapes_complete_scores_the_prompt_and_shows_the_words(runs, capsys
 def test_eval_shapes_compose_draws_noun_phrases(runs, capsys):
     """`--compose`: a prompt of several objects is given to the model as its noun phrases (relation dropped), each
     completed on its own with --complete; eval.json keeps what was drawn and written per prompt."""
-    from evals.shapes_eval import main, noun_phrases
+    from data_tools.shapes import noun_phrases
+    from evals.shapes_eval import main
 
     assert noun_phrases("a red circle above a small blue square") == ["a red circle", "a small blue square"]
     assert noun_phrases("a red circle in the top left, a blue ring and a large green star") == \

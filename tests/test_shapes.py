@@ -77,7 +77,7 @@ def test_cell_tokens_by_hand():
 
 def test_part_region_reads_the_cell_of_a_finished_part():
     from data_tools.shapes import cell_tokens
-    from evals.shapes_eval import part_region
+    from data_tools.shapes import part_region
 
     assert (part_region("a small red circle in the top middle", (8, 8)) == cell_tokens("top middle", (8, 8))).all()
     assert part_region("a small red circle", (8, 8)) is None                    # no cell named: claims nothing
@@ -87,7 +87,7 @@ def test_part_region_reads_the_cell_of_a_finished_part():
 
 def test_words_fit_the_prompt():
     """Every part names a cell, no two the same, the relation holds between the cells."""
-    from evals.shapes_eval import words_fit
+    from data_tools.shapes import words_fit
 
     rel = "a red circle to the left of a blue square"
     assert words_fit(rel, ["a red circle in the top left", "a blue square in the bottom middle"])
@@ -101,6 +101,8 @@ def test_words_fit_the_prompt():
     assert not words_fit(two, ["a red circle in the center", "a blue square in the"])             # not the language
     assert words_fit("a white star", ["a white star in the bottom left"])
     assert not words_fit("a white star", ["a white star"])
+    assert words_fit("a red circle AND a blue square", ["a red circle in the top left", "a blue square in the center"])
+    assert not words_fit("a red circle AND a blue square", ["a red circle in the center", "a blue square in the center"])
 
 
 def test_relation_and_facts_mapping():
