@@ -55,7 +55,7 @@ def shown_prompt(caption: str, drawn, written) -> str:
 def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_scale: float, batch: int,
              seed: int, out: Path | None = None, sampler: str | None = None, shift: float | None = None, clip=None,
              layout: bool = False, captions_too: bool = True, complete: int = 0, temperature: float = 1.0,
-             compose: bool = False, regions: bool = False, tries: int = 1) -> dict:
+             compose: bool = False, regions: bool = False, tries: int = 1, best_of: int = 1) -> dict:
     """Generate and score (module docstring). clip: an `evals.clip_align.Clip` to add CLIPScore of (prompt, image)
     per step count beside the real held-out images' and shuffled prompts', and CLIP similarity of (image, generated
     caption) beside (image, true caption). layout: also draw every prompt's image from another noise, and every noise
@@ -69,7 +69,8 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     each phrase completed on its own; res["drawn_as"]: what the model was given per prompt. regions (with compose):
     each part alone guides the tokens of the cell its finished text names (`part_region`), all parts the rest.
     tries > 1 (with complete): a prompt's words are written again, up to `tries` samples, while they do not fit it
-    (`words_fit`); res["words_fit"]: the share of prompts whose final words fit.
+    (`words_fit`); res["words_fit"]: the share of prompts whose final words fit. best_of > 1: each image drawn
+    best_of times, the one the model finds likeliest to be captioned by its finished prompt kept (`Pipeline.t2i`).
     res["unknown_token_prompts"]: prompts holding <unk> (words the text tokenizer never saw in training)."""
     from evals.shapes_score import layout_overlap, score_captions
     from nextx.infer import Pipeline
@@ -89,15 +90,15 @@ def run_eval(model, cfg, text_tok, image_tok, special, docs, steps_list, *, cfg_
     random.Random(seed).shuffle(shuffled)
     res: dict = {"n": len(docs), "sampler": sampler, "shift": shift, "cfg_scale": cfg_scale, "t2i": {},
                  "complete": complete, "temperature": temperature if complete else None, "prompts": captions,
-                 "written": None, "compose": compose, "regions": regions, "tries": tries, "drawn_as": drawn if compose else None,
-                 "caption": None,
+                 "written": None, "compose": compose, "regions": regions, "tries": tries, "best_of": best_of,
+                 "drawn_as": drawn if compose else None, "caption": None,
                  "unknown_token_prompts": sum(text_tok.unk_id in text_tok.encode(c) for c in captions)}
     grids: dict[int, list] = {}
     for k in steps_list:
         t0 = time.perf_counter()
         px, written = pipe.t2i(drawn, steps=k, sampler=sampler, shift=shift, cfg_scale=cfg_scale, seed=seed,
                                batch_size=batch, progress=True, complete=complete, temperature=temperature,
-                               return_written=True, regions=where, accept=fits, tries=tries)
+                               return_written=True, regions=where, accept=fits, tries=tries, best_of=best_of)
         ims = to_pil(px)
         if complete:
             res["written"] = written
@@ -232,6 +233,8 @@ def t2i_table(res: dict, sampler: str) -> str:
     done = (", each prompt of several objects drawn as its noun phrases composed (relation words not given)"
             if res.get("compose") else "")
     done += ", each part guiding the cell its words name (regions)" if res.get("regions") else ""
+    done += (f", the best of {res['best_of']} images by the model's own caption likelihood of the prompt"
+             if res.get("best_of", 1) > 1 else "")
     done += (f", each prompt{' part' if res.get('compose') else ''} first finished by the model in up to "
              f"{res['complete']} tokens at temperature {res['temperature']:g}" if res.get("complete") else "")
     lines = [f"text-to-image on {res['n']} held-out prompts ({sampler}{grid}, cfg {res['cfg_scale']}{done}): fact "
@@ -334,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tries", type=int, default=1, help="with --complete: write a prompt's words again, up to N "
                    "samples, while they do not fit it (a part without a cell, two parts in one cell, cells against "
                    "the prompt's relation; `words_fit`)")
+    p.add_argument("--best-of", type=int, default=1, help="draw each image N times and keep the one the model "
+                   "finds likeliest to be captioned by its finished prompt (`generate.caption_logprob`; default 1)")
     p.add_argument("--layout", action="store_true", help="also measure what decides the layout: foreground overlap "
                    "of images from the same noise under another prompt, and of the same prompt from another noise")
     a = p.parse_args(argv)
@@ -343,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--tries must be >= 1, and > 1 only with --complete (words to write again), got {a.tries}")
     if a.regions and not a.compose:
         p.error("--regions places the parts of composed prompts: it needs --compose")
+    if a.best_of < 1:
+        p.error(f"--best-of must be >= 1, got {a.best_of}")
     if a.n < 1 or a.batch < 1 or a.cfg_scale < 0:
         p.error(f"--n and --batch must be >= 1 and --cfg-scale >= 0, got {a.n}, {a.batch}, {a.cfg_scale}")
     if a.shift is not None and a.shift <= 0:
@@ -367,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run_eval(model, cfg, text_tok, image_tok, special, docs, steps, cfg_scale=a.cfg_scale, batch=a.batch,
                    seed=a.seed, out=out, sampler=a.sampler, shift=a.shift, clip=clip, layout=a.layout,
                    captions_too=a.captions, complete=a.complete, temperature=a.temperature, compose=a.compose,
-                   regions=a.regions, tries=a.tries)
+                   regions=a.regions, tries=a.tries, best_of=a.best_of)
     (out / "eval.json").write_text(json.dumps(res, indent=2))
     print(format_table(res))
     print(f"-> {out / 'eval.json'}")

@@ -221,12 +221,15 @@ def _stack(pieces: Sequence[_Piece | None], latent_dim: int, pad_id: int, split_
 
 
 def _append(model, cache: Cache, pieces: Sequence[_Piece | None], special: SpecialIds, *, left: bool = False,
-            want_logits: bool = True) -> torch.Tensor | None:
+            want_logits: bool = True, all_logits: bool = False) -> torch.Tensor | None:
     """Run the pieces (one per row) as one chunk, appending them to the cache (use_cache=True).
 
     Returns the next-token logits (B, V) float32 at each row's last real token (zeros for rows without a piece),
-    or None when want_logits is False (the LM head is then skipped)."""
+    or None when want_logits is False (the LM head is then skipped); all_logits=True (no guidance): the logits at every
+    real token of the chunk, (B, Lq, V), zeros at pads."""
     dev = cache.doc.device
+    if all_logits and cache.guided:
+        raise ValueError("all_logits=True reads the logits of one half: build the cache without guidance")
     a, last, used = _stack(pieces, model.latent_dim, special.pad, cache.n_split, left)
     B, Lq = a["ids"].shape
     if Lq == 0:
@@ -238,7 +241,9 @@ def _append(model, cache: Cache, pieces: Sequence[_Piece | None], special: Speci
     mask = cached_mask(doc, kind, split, Lq)                                      # (B, 1, Lq, L + Lq)
     tm = torch.zeros(B, Lq, dtype=torch.bool, device=dev)
     has = torch.from_numpy(last >= 0)
-    if want_logits:
+    if all_logits:
+        tm = t["kind"] != PAD
+    elif want_logits:
         rows = torch.nonzero(has).squeeze(1)
         tm[rows.to(dev), torch.from_numpy(last[has.numpy()]).to(dev)] = True
     ids, kq, pos, pos2d, lat = t["ids"], t["kind"], t["pos"], t["pos2d"], t["lat"]
@@ -264,6 +269,10 @@ def _append(model, cache: Cache, pieces: Sequence[_Piece | None], special: Speci
             cache.pos_next[b] = int(p.pos[-1]) + 1
     if not want_logits:
         return None
+    if all_logits:
+        logits = torch.zeros(B, Lq, model.vocab_size, device=dev)
+        logits[tm] = out.text_logits.float()
+        return logits
     logits = torch.zeros(B, model.vocab_size, device=dev)
     logits[has.to(dev)] = out.text_logits.float()
     return logits
@@ -452,7 +461,7 @@ def t2i_completed(model, prompts: Sequence[Sequence[int]], special: SpecialIds, 
                   generator: torch.Generator | None = None, device=None,
                   regions: Callable[[list[list[int]]], torch.Tensor | None] | None = None,
                   accept: Callable[[list[list[int]]], Sequence[bool]] | None = None, tries: int = 1,
-                  **image_kw) -> tuple[torch.Tensor, list]:
+                  best_of: int = 1, **image_kw) -> tuple[torch.Tensor, list]:
     """Text-to-image where the model may first finish the prompt: it writes up to `complete` text tokens after it
     (sampled at `temperature`, top_k, top_p; never `<eos>` or a layout token) and stops where it samples `<boi>`;
     then `t2i` draws from prompt + written words, all rows at once. What a prompt leaves open (where, how large) is
@@ -462,9 +471,13 @@ def t2i_completed(model, prompts: Sequence[Sequence[int]], special: SpecialIds, 
     lists of the written ids, without `<boi>`). regions: called with the finished prompts (B lists of ids, prompt +
     words) -> `t2i`'s regions ((B, N) bool, or None): where each part goes can be read from the words written.
     accept: called with the finished prompts -> B bools; the words of the rows it rejects are sampled again (from the
-    same generator, the accepted rows kept), at most `tries` samples in all, the last kept if none is accepted."""
-    if complete < 0 or tries < 1:
-        raise ValueError(f"complete must be >= 0 text tokens and tries >= 1, got {complete}, {tries}")
+    same generator, the accepted rows kept), at most `tries` samples in all, the last kept if none is accepted.
+    best_of > 1: every image drawn `best_of` times from the same words (fresh noise from `generator`, the first
+    draw the image of best_of=1) and the one the model finds likeliest to be captioned by its finished prompt kept
+    (`caption_logprob`; an image of several parts: the sum over its parts)."""
+    if complete < 0 or tries < 1 or best_of < 1:
+        raise ValueError(f"complete must be >= 0 text tokens, tries and best_of >= 1, got {complete}, {tries}, "
+                         f"{best_of}")
     written: list[list[int]] = [[] for _ in prompts]
     todo = list(range(len(prompts))) if complete else []
     for _ in range(tries if complete else 0):
@@ -483,9 +496,54 @@ def t2i_completed(model, prompts: Sequence[Sequence[int]], special: SpecialIds, 
         if not todo:
             break
     finished = [list(p) + w for p, w in zip(prompts, written)]
-    x = t2i(model, finished, special, grid=grid, latent_dim=latent_dim, generator=generator, device=device,
-            regions=None if regions is None else regions(finished), **image_kw)
+    claims = None if regions is None else regions(finished)
+    x = _best_of(model, lambda: t2i(model, finished, special, grid=grid, latent_dim=latent_dim, generator=generator,
+                                    device=device, regions=claims, **image_kw),
+                 finished, special, grid, best_of, image_kw.get("image_of"))
     return x, written
+
+
+@torch.no_grad()
+@_on_sdpa
+def caption_logprob(model, images: torch.Tensor, texts: Sequence[Sequence[int]], special: SpecialIds, *,
+                    grid: tuple[int, int]) -> torch.Tensor:
+    """The model as the judge of its own images: log p(text, <eos> | image) under its captioning, the document
+    `<bos> <boi> [clean] <eoi> text <eos>` laid out as in training, in one forward. images: latents (B, N, C); texts:
+    B lists of ids (no <bos>) -> (B,) float64, the sum over the text's tokens and the closing <eos> of their
+    log-probabilities: the negative of the training cross-entropy summed over those targets."""
+    if len(texts) != len(images):
+        raise ValueError(f"{len(texts)} texts for {len(images)} images")
+    arr = images.detach().cpu().float().numpy()
+    pieces = [prompt_piece([ImageTokens(arr[i], grid, generate=False), list(t)], special) for i, t in enumerate(texts)]
+    cache = Cache.empty(len(pieces), False, special.pad, images.device)
+    lp = torch.log_softmax(_append(model, cache, pieces, special, all_logits=True).double(), -1).cpu()   # (B, Lq, V)
+    out = torch.empty(len(pieces), dtype=torch.float64)
+    for b, (piece, t) in enumerate(zip(pieces, texts)):
+        n, k = len(piece), len(t)                         # <eoi> at n - k - 1 predicts t[0]; the last token <eos>
+        target = torch.tensor([*t, special.eos], dtype=torch.int64)[:, None]
+        out[b] = lp[b, n - k - 1:n].gather(1, target).sum()
+    return out
+
+
+def _best_of(model, draw: Callable[[], torch.Tensor], texts: Sequence[Sequence[int]], special: SpecialIds,
+             grid: tuple[int, int], n: int, image_of: Sequence[int] | None) -> torch.Tensor:
+    """Draw `n` candidates of every image (`draw()` -> (I, N, C), fresh noise each call) and keep, per image, the one
+    whose texts the model finds likeliest as its caption (`caption_logprob`, summed over an image's parts)."""
+    best = draw()
+    if n == 1:
+        return best
+    img_of = torch.arange(len(best)) if image_of is None else torch.tensor(list(image_of))
+
+    def score(x):
+        lp = caption_logprob(model, x[img_of.to(x.device)], texts, special, grid=grid)
+        return torch.zeros(len(x), dtype=torch.float64).index_add_(0, img_of, lp)
+    top = score(best)
+    for _ in range(n - 1):
+        x = draw()
+        s = score(x)
+        better = s > top
+        best[better.to(best.device)], top = x[better.to(x.device)], torch.where(better, s, top)
+    return best
 
 
 @torch.no_grad()

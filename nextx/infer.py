@@ -120,7 +120,7 @@ class Pipeline:
             sampler: str | None = None, schedule: str = "uniform", shift: float | None = None, seed: int = 0,
             batch_size: int = 16, progress: bool = False, complete: int = 0, temperature: float = 1.0,
             return_written: bool = False, regions: Callable[[str], np.ndarray | None] | None = None,
-            accept: Callable[[int, list[str]], bool] | None = None, tries: int = 1):
+            accept: Callable[[int, list[str]], bool] | None = None, tries: int = 1, best_of: int = 1):
         """Prompts -> images (B, 3, H, W) float32 in [0, 1] on CPU. A prompt given as a list of strings is drawn
         as one image composed of its parts (`generate.composed_guidance` at the guidance scale: each part, e.g. one
         object, guides the same image). complete > 0: the model first finishes each prompt (each part) in up to
@@ -130,7 +130,9 @@ class Pipeline:
         (h, w) bool mask of the token grid it claims, or None for none (`generate.region_weights`: each part alone
         guides its region, all parts share the rest). accept (with complete > 0): (index of the prompt in
         `prompts`, its parts' finished texts) -> whether the words fit it; the words of a prompt they do not fit are
-        written again, all its parts, up to `tries` samples in all (`generate.t2i_completed`)."""
+        written again, all its parts, up to `tries` samples in all (`generate.t2i_completed`). best_of > 1: each
+        image drawn best_of times and the one the model itself finds likeliest to be captioned by its prompt kept
+        (`generate.caption_logprob`; the first draw is the image of best_of=1)."""
         from tqdm import tqdm
 
         kw = self._image_kw(steps, cfg_scale, sampler, schedule, shift)
@@ -149,7 +151,7 @@ class Pipeline:
                                             image_of=image_of if composed else None,
                                             regions=self._claims(regions) if composed and regions else None,
                                             accept=self._verdicts(accept, i, image_of) if accept else None,
-                                            tries=tries, **kw)
+                                            tries=tries, best_of=best_of, **kw)
             w = iter(self.text_tok.decode(x) for x in w)
             written += [next(w) if isinstance(p, str) else [next(w) for _ in p] for p in batch]
             out.append(self.image_tok.decode(lat).cpu())
@@ -375,10 +377,14 @@ def t2i_main(argv: list[str] | None = None) -> int:
     p.add_argument("--tries", type=int, default=1, help="with --complete: write a prompt's words again, up to N "
                    "samples, until they fit it in the shapes caption language (every part names a cell, no two the "
                    "same, the prompt's relation holds; default 1: keep the first words)")
+    p.add_argument("--best-of", type=int, default=1, help="draw each image N times and keep the one the model "
+                   "itself finds likeliest to be captioned by its prompt (default 1)")
     a = p.parse_args(argv)
     _check(p, a)
     if a.complete < 0:
         p.error(f"--complete must be >= 0 text tokens, got {a.complete}")
+    if a.best_of < 1:
+        p.error(f"--best-of must be >= 1, got {a.best_of}")
     if a.regions and not a.compose:
         p.error("--regions places the parts of a composed prompt: add --compose")
     if a.tries < 1 or (a.tries > 1 and not a.complete):
@@ -396,7 +402,8 @@ def t2i_main(argv: list[str] | None = None) -> int:
     fits = (lambda i, texts: words_fit(prompts[i], texts)) if a.tries > 1 else None
     px, written = g.t2i(drawn, steps=a.steps, cfg_scale=a.cfg_scale, sampler=a.sampler, schedule=a.schedule,
                         shift=a.shift, seed=a.seed, batch_size=a.batch_size, progress=True, complete=a.complete,
-                        temperature=a.temperature, return_written=True, regions=where, accept=fits, tries=a.tries)
+                        temperature=a.temperature, return_written=True, regions=where, accept=fits, tries=a.tries,
+                        best_of=a.best_of)
     secs = time.perf_counter() - t0
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -406,7 +413,7 @@ def t2i_main(argv: list[str] | None = None) -> int:
         files.append(f"{i:03d}.png")
         im.save(out / files[-1])
     grid_image(ims, a.grid_cols, scale=max(1, 128 // ims[0].size[0])).save(out / "grid.png")
-    settings = {**_settings(g, a, True), "batch_size": a.batch_size, "seconds": round(secs, 3),
+    settings = {**_settings(g, a, True), "batch_size": a.batch_size, "best_of": a.best_of, "seconds": round(secs, 3),
                 "images_per_second": round(len(ims) / secs, 3),
                 "images": [{"prompt": pr, "file": f} for pr, f in zip(prompts, files)]}
     for item, d in zip(settings["images"], drawn):

@@ -28,7 +28,7 @@ import torch
 from nextx import imm
 from nextx.masks import dense_mask
 from nextx.model import ModelInput
-from nextx.sequence import (NOISE, TEXT, ImageTokens, SpecialIds, apply_null_prompt, collate, layout_document,
+from nextx.sequence import (CLEAN, NOISE, TEXT, ImageTokens, SpecialIds, apply_null_prompt, collate, layout_document,
                             pack_row)
 
 SAMPLERS = imm.SAMPLERS
@@ -152,3 +152,23 @@ def _extend(d, new_ids: list[int], special: SpecialIds):
                    img=np.concatenate([d.img[:keep], np.full(n, -1, np.int32)]),
                    pos=np.concatenate([d.pos[:keep], np.arange(p0, p0 + n, dtype=np.int32)]),
                    pos2d=np.concatenate([d.pos2d[:keep], np.zeros((n, 2), np.int32)]))
+
+
+@torch.no_grad()
+def caption_logprob_reference(model, images: torch.Tensor, texts: Sequence[Sequence[int]], special: SpecialIds, *,
+                              grid: tuple[int, int]) -> torch.Tensor:
+    """log p(text, <eos> | image) by full recomputation of the training layout `<bos> <boi> [clean] <eoi> text
+    <eos>`: the sum of the log-probabilities of the layout's own text targets (`sequence.text_targets`) after the
+    image (the target <boi> of <bos> is the layout's, not the caption's). -> (B,)."""
+    arr = images.detach().cpu().float().numpy()
+    lays = [layout_document([ImageTokens(arr[i], grid, generate=False), *([list(t)] if len(t) else [])], special)
+            for i, t in enumerate(texts)]
+    b = _rows(lays, special.pad).to(images.device)
+    empty = torch.zeros(b.n_images, device=images.device)
+    lp = torch.log_softmax(_forward(model, b, b.latents, empty, empty).text_logits.double(), -1)   # (B, L, V)
+    tgt = b.targets
+    L = tgt.shape[1]
+    after = torch.arange(L, device=tgt.device)[None] > (b.kind == CLEAN).long().cumsum(1).argmax(1, keepdim=True)
+    got = lp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
+    return (got * ((tgt >= 0) & after)).sum(1).cpu()
+

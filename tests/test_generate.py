@@ -16,7 +16,7 @@ from nextx.model import ModelInput, NextX
 from nextx.sequence import (CLEAN, NOISE, PAD, TEXT, ImageTokens, SpecialIds, apply_null_prompt, collate,
                             layout_document, pack_row)
 from nextx.text_sampling import sample_tokens
-from oracles import caption_reference, t2i_reference
+from oracles import caption_logprob_reference, caption_reference, t2i_reference
 
 SP = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
 V, C, GRID = 50, 6, (2, 3)            # a non-square grid catches row/col mix-ups
@@ -392,6 +392,43 @@ def test_composed_guidance_by_hand():
         generate.composed_guidance(gc, gu, torch.tensor([0, 0, 2]), 3, 2.0)
 
 
+def test_caption_logprob_is_the_training_layouts_likelihood(model):
+    """The model's log-likelihood of a caption given an image, cached in one forward, equals the full recomputation
+    of the training layout's own text targets; texts of different lengths (one empty: <eos> alone) in one batch."""
+    x = torch.randn(3, N, C, generator=gen(1))
+    texts = [[5, 6, 7], [], [8, 9, 10, 11, 12, 13]]
+    got = generate.caption_logprob(model, x, texts, SP, grid=GRID)
+    ref = caption_logprob_reference(model, x, texts, SP, grid=GRID)
+    assert got.shape == (3,) and torch.isfinite(got).all() and (got < 0).all()
+    assert (got - ref).abs().max() < TOL
+    _note("caption log-likelihood vs reference", (got - ref).abs().max())
+    alone = generate.caption_logprob(model, x[2:], texts[2:], SP, grid=GRID)
+    assert abs(float(alone[0] - got[2])) < TOL                                  # padding in the batch changes nothing
+    with pytest.raises(ValueError, match="texts for"):
+        generate.caption_logprob(model, x, texts[:2], SP, grid=GRID)
+
+
+def test_best_of_keeps_the_likeliest_of_the_candidates(model):
+    """best_of=n: n draws from one generator, kept per image by the model's caption likelihood of its prompt (the
+    sum over an image's parts); best_of=1 is the plain draw."""
+    prompts, kw = [[5, 6], [7], [8, 9, 10]], dict(grid=GRID, latent_dim=C, steps=2, cfg_scale=1.5, complete=0)
+    for image_of in (None, [0, 0, 1]):
+        one, _ = generate.t2i_completed(model, prompts, SP, generator=gen(3), image_of=image_of, **kw)
+        g = gen(3)
+        cands = [generate.t2i(model, prompts, SP, grid=GRID, latent_dim=C, steps=2, cfg_scale=1.5, generator=g,
+                              image_of=image_of) for _ in range(3)]
+        assert torch.equal(one, cands[0])
+        rows = torch.arange(len(prompts)) if image_of is None else torch.tensor(image_of)
+        scores = torch.stack([torch.zeros(len(c), dtype=torch.float64).index_add_(
+            0, rows, generate.caption_logprob(model, c[rows], prompts, SP, grid=GRID)) for c in cands])   # (3, I)
+        want = torch.stack([cands[int(j)][i] for i, j in enumerate(scores.argmax(0))])
+        best, _ = generate.t2i_completed(model, prompts, SP, generator=gen(3), image_of=image_of, best_of=3, **kw)
+        assert torch.equal(best, want)
+        assert len(set(scores.argmax(0).tolist())) > 1 or image_of is not None    # not always the first draw
+    with pytest.raises(ValueError, match="best_of"):
+        generate.t2i_completed(model, prompts, SP, best_of=0, **kw)
+
+
 def test_t2i_completed_writes_rejected_words_again(model):
     """accept: rows it rejects get new words (from the same generator), accepted rows keep theirs; at most `tries`
     samples, the last kept; accepting everything is the same as no accept (same words, same latents)."""
@@ -676,13 +713,14 @@ def test_cli_t2i_caption_generate(run_dir, tmp_path, capsys, monkeypatch):
     grid = (4, 4)                                                       # 8 px images of 2 px patches
     assert (seen["regions"]("a blue square in the center") == cell_tokens("center", grid)).all()
     assert seen["regions"]("a blue square") is None and seen["accept"] is None and seen["tries"] == 1
-    assert main(["t2i", str(run_dir / "r"), *scene[:-2], "--complete", "2", "--tries", "3", "--out",
-                 str(tmp_path / "t2w")]) == 0
+    assert main(["t2i", str(run_dir / "r"), *scene[:-2], "--complete", "2", "--tries", "3", "--best-of", "2",
+                 "--out", str(tmp_path / "t2w")]) == 0
     s = json.loads((tmp_path / "t2w" / "settings.json").read_text())
     assert s["tries"] == 3 and isinstance(s["images"][0]["words_fit"], bool) and seen["regions"] is None
+    assert s["best_of"] == 2 and seen["best_of"] == 2
     assert seen["accept"](0, ["a red circle in the top left", "a blue square in the center"])     # left of: fits
     assert not seen["accept"](0, ["a red circle in the center", "a blue square in the top left"])
-    for bad in (["--regions"], ["--tries", "2"], ["--complete", "2", "--tries", "0"]):
+    for bad in (["--regions"], ["--tries", "2"], ["--complete", "2", "--tries", "0"], ["--best-of", "0"]):
         with pytest.raises(SystemExit) as e:
             main(["t2i", str(run_dir / "r"), "--prompt", "a red", "--out", str(tmp_path / "bad"), *bad])
         assert e.value.code == 2

@@ -194,8 +194,12 @@ def test_eval_shapes_compose_draws_noun_phrases(runs, capsys):
     assert "drawn as its noun phrases composed" in capsys.readouterr().out
     out = runs / "regions"
     assert main([str(runs / "runs" / "imm"), "--n", "4", "--steps", "1", "--no-captions", "--compose", "--complete",
-                 "2", "--regions", "--out", str(out)]) == 0
+                 "2", "--regions", "--best-of", "2", "--out", str(out)]) == 0
     r = json.loads((out / "eval.json").read_text())
-    assert r["regions"] and r["compose"] and "each part guiding the cell its words name" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert r["regions"] and r["compose"] and "each part guiding the cell its words name" in printed
+    assert r["best_of"] == 2 and "the best of 2 images" in printed
     with pytest.raises(SystemExit):
         main([str(runs / "runs" / "imm"), "--n", "4", "--regions"])                 # --regions needs --compose
+    with pytest.raises(SystemExit):
+        main([str(runs / "runs" / "imm"), "--n", "4", "--best-of", "0"])
