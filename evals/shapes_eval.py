@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from data_tools.shapes import noun_phrases, part_region, words_fit
-from nextx.infer import finished_parts, grid_image, to_pil
+from nextx.infer import check_drawing_args, drawing_args, finished_parts, grid_image, to_pil
 
 FACTS = ("count", "colour", "shape", "size", "position", "relation")
 
@@ -325,31 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clip-pretrained", default=None, help="local open_clip weights file for --clip NAME")
     p.add_argument("--no-captions", dest="captions", action="store_false", help="text-to-image only: skip "
                    "captioning the held-out images (faster)")
-    p.add_argument("--complete", type=int, default=0, help="let the model first finish each prompt in up to N text "
-                   "tokens (e.g. where the object goes, when the prompt does not say), then draw; scored on the "
-                   "prompt's own facts (default 0: draw at once)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --complete's words")
-    p.add_argument("--compose", action="store_true", help="draw a prompt of several objects as its noun phrases, "
-                   "one image guided by each (composed guidance; a relation word is not given to the model); "
-                   "scored against the whole prompt")
-    p.add_argument("--regions", action="store_true", help="with --compose: each part alone guides the cell its "
-                   "finished text names (regional composition), all parts the cells no part names")
-    p.add_argument("--tries", type=int, default=1, help="with --complete: write a prompt's words again, up to N "
-                   "samples, while they do not fit it (a part without a cell, two parts in one cell, cells against "
-                   "the prompt's relation; `words_fit`)")
-    p.add_argument("--best-of", type=int, default=1, help="draw each image N times and keep the one the model "
-                   "finds likeliest to be captioned by its finished prompt (`generate.caption_logprob`; default 1)")
+    drawing_args(p)
     p.add_argument("--layout", action="store_true", help="also measure what decides the layout: foreground overlap "
                    "of images from the same noise under another prompt, and of the same prompt from another noise")
     a = p.parse_args(argv)
-    if a.complete < 0 or a.temperature < 0:
-        p.error(f"--complete and --temperature must be >= 0, got {a.complete}, {a.temperature}")
-    if a.tries < 1 or (a.tries > 1 and not a.complete):
-        p.error(f"--tries must be >= 1, and > 1 only with --complete (words to write again), got {a.tries}")
-    if a.regions and not a.compose:
-        p.error("--regions places the parts of composed prompts: it needs --compose")
-    if a.best_of < 1:
-        p.error(f"--best-of must be >= 1, got {a.best_of}")
+    check_drawing_args(p, a)
     if a.n < 1 or a.batch < 1 or a.cfg_scale < 0:
         p.error(f"--n and --batch must be >= 1 and --cfg-scale >= 0, got {a.n}, {a.batch}, {a.cfg_scale}")
     if a.shift is not None and a.shift <= 0:

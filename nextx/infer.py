@@ -354,6 +354,37 @@ def _parts(prompt: str) -> str | list[str]:
         return prompt
 
 
+def drawing_args(p: argparse.ArgumentParser) -> None:
+    """The options of how a prompt is drawn, shared by `nextx t2i` and `nextx eval shapes` (`check_drawing_args`
+    refuses their bad combinations)."""
+    p.add_argument("--complete", type=int, default=0, help="let the model first finish each prompt in up to N text "
+                   "tokens (what the prompt leaves open, e.g. where), then draw (default 0: draw at once)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --complete's words "
+                   "(0 = greedy)")
+    p.add_argument("--compose", action="store_true", help="a prompt 'A AND B', or a shapes caption of several "
+                   "objects (its noun phrases; a relation word is not given to the model), is one image guided by "
+                   "each part (composed guidance at the guidance scale)")
+    p.add_argument("--regions", action="store_true", help="with --compose: each part guides only the cell its words "
+                   "name ('... in the top left'; the shapes caption language), all parts the rest")
+    p.add_argument("--tries", type=int, default=1, help="with --complete: write a prompt's words again, up to N "
+                   "samples, until they fit it in the shapes caption language (every part names a cell, no two the "
+                   "same, the prompt's relation holds; default 1: keep the first words)")
+    p.add_argument("--best-of", type=int, default=1, help="draw each image N times and keep the one the model "
+                   "itself finds likeliest to be captioned by its prompt (`generate.caption_logprob`; default 1)")
+
+
+def check_drawing_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """`drawing_args`' values that would silently do something else: argparse's usage + one line, exit 2."""
+    if a.complete < 0 or a.temperature < 0:
+        p.error(f"--complete and --temperature must be >= 0, got {a.complete}, {a.temperature}")
+    if a.best_of < 1:
+        p.error(f"--best-of must be >= 1, got {a.best_of}")
+    if a.regions and not a.compose:
+        p.error("--regions places the parts of a composed prompt: add --compose")
+    if a.tries < 1 or (a.tries > 1 and not a.complete):
+        p.error(f"--tries must be >= 1, and > 1 only with --complete (the words written again); got {a.tries}")
+
+
 def t2i_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nextx t2i", description="Text-to-image from a trained run: one PNG per prompt "
                                 "(000.png, 001.png, ...), grid.png and settings.json in --out.")
@@ -364,31 +395,10 @@ def t2i_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output dir")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grid-cols", type=int, default=8)
-    p.add_argument("--complete", type=int, default=0, help="let the model first finish each prompt in up to N text "
-                   "tokens (what the prompt leaves open, e.g. where), then draw; what it wrote goes to settings.json "
-                   "and the output (default 0: draw at once)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --complete's words "
-                   "(0 = greedy)")
-    p.add_argument("--compose", action="store_true", help="a prompt 'A AND B' is one image guided by each part "
-                   "(composed guidance at --cfg-scale), e.g. one object per part; a prompt of the shapes caption "
-                   "language naming several objects is drawn as its noun phrases (as `nextx eval shapes --compose`)")
-    p.add_argument("--regions", action="store_true", help="with --compose: each part guides only the cell its words "
-                   "name ('... in the top left'; the shapes caption language), all parts the rest")
-    p.add_argument("--tries", type=int, default=1, help="with --complete: write a prompt's words again, up to N "
-                   "samples, until they fit it in the shapes caption language (every part names a cell, no two the "
-                   "same, the prompt's relation holds; default 1: keep the first words)")
-    p.add_argument("--best-of", type=int, default=1, help="draw each image N times and keep the one the model "
-                   "itself finds likeliest to be captioned by its prompt (default 1)")
+    drawing_args(p)
     a = p.parse_args(argv)
     _check(p, a)
-    if a.complete < 0:
-        p.error(f"--complete must be >= 0 text tokens, got {a.complete}")
-    if a.best_of < 1:
-        p.error(f"--best-of must be >= 1, got {a.best_of}")
-    if a.regions and not a.compose:
-        p.error("--regions places the parts of a composed prompt: add --compose")
-    if a.tries < 1 or (a.tries > 1 and not a.complete):
-        p.error(f"--tries must be >= 1, and > 1 only with --complete (the words written again); got {a.tries}")
+    check_drawing_args(p, a)
     prompts = a.prompt or read_prompts(a.prompts_file)
     g = Pipeline.from_run(a.run, a.device, ema=a.ema)
     t0 = time.perf_counter()
