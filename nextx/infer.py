@@ -375,8 +375,10 @@ def drawing_args(p: argparse.ArgumentParser) -> None:
 
 def check_drawing_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """`drawing_args`' values that would silently do something else: argparse's usage + one line, exit 2."""
-    if a.complete < 0 or a.temperature < 0:
-        p.error(f"--complete and --temperature must be >= 0, got {a.complete}, {a.temperature}")
+    if a.complete < 0:
+        p.error(f"--complete must be >= 0 text tokens, got {a.complete}")
+    if a.temperature < 0:
+        p.error(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
     if a.best_of < 1:
         p.error(f"--best-of must be >= 1, got {a.best_of}")
     if a.regions and not a.compose:

@@ -457,7 +457,7 @@ def test_t2i_completed_writes_rejected_words_again(model):
     assert len(calls) == 3 and calls[-1] == [[5, 6] + w3[0], [7] + w3[1]]
     with pytest.raises(ValueError, match="verdicts"):
         generate.t2i_completed(model, [[5, 6], [7]], SP, accept=lambda rows: [True], tries=2, **kw)
-    with pytest.raises(ValueError, match="tries >= 1"):
+    with pytest.raises(ValueError, match="tries and best_of >= 1"):
         generate.t2i_completed(model, [[5]], SP, tries=0, **kw)
 
 
