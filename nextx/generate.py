@@ -221,15 +221,15 @@ def _stack(pieces: Sequence[_Piece | None], latent_dim: int, pad_id: int, split_
 
 
 def _append(model, cache: Cache, pieces: Sequence[_Piece | None], special: SpecialIds, *, left: bool = False,
-            want_logits: bool = True, all_logits: bool = False) -> torch.Tensor | None:
+            want_logits: bool = True, logits_at: np.ndarray | None = None) -> torch.Tensor | None:
     """Run the pieces (one per row) as one chunk, appending them to the cache (use_cache=True).
 
     Returns the next-token logits (B, V) float32 at each row's last real token (zeros for rows without a piece),
-    or None when want_logits is False (the LM head is then skipped); all_logits=True (no guidance): the logits at every
-    real token of the chunk, (B, Lq, V), zeros at pads."""
+    or None when want_logits is False (the LM head is then skipped); logits_at (B, Lq) bool (no guidance): the
+    logits at those tokens of the chunk only, (n_sel, V) in row-major order (the LM head runs on them alone)."""
     dev = cache.doc.device
-    if all_logits and cache.guided:
-        raise ValueError("all_logits=True reads the logits of one half: build the cache without guidance")
+    if logits_at is not None and cache.guided:
+        raise ValueError("logits_at reads the logits of one half: build the cache without guidance")
     a, last, used = _stack(pieces, model.latent_dim, special.pad, cache.n_split, left)
     B, Lq = a["ids"].shape
     if Lq == 0:
@@ -241,8 +241,8 @@ def _append(model, cache: Cache, pieces: Sequence[_Piece | None], special: Speci
     mask = cached_mask(doc, kind, split, Lq)                                      # (B, 1, Lq, L + Lq)
     tm = torch.zeros(B, Lq, dtype=torch.bool, device=dev)
     has = torch.from_numpy(last >= 0)
-    if all_logits:
-        tm = t["kind"] != PAD
+    if logits_at is not None:
+        tm = torch.from_numpy(logits_at).to(dev)
     elif want_logits:
         rows = torch.nonzero(has).squeeze(1)
         tm[rows.to(dev), torch.from_numpy(last[has.numpy()]).to(dev)] = True
@@ -269,10 +269,8 @@ def _append(model, cache: Cache, pieces: Sequence[_Piece | None], special: Speci
             cache.pos_next[b] = int(p.pos[-1]) + 1
     if not want_logits:
         return None
-    if all_logits:
-        logits = torch.zeros(B, Lq, model.vocab_size, device=dev)
-        logits[tm] = out.text_logits.float()
-        return logits
+    if logits_at is not None:
+        return out.text_logits.float()
     logits = torch.zeros(B, model.vocab_size, device=dev)
     logits[has.to(dev)] = out.text_logits.float()
     return logits
@@ -515,14 +513,14 @@ def caption_logprob(model, images: torch.Tensor, texts: Sequence[Sequence[int]],
         raise ValueError(f"{len(texts)} texts for {len(images)} images")
     arr = images.detach().cpu().float().numpy()
     pieces = [prompt_piece([ImageTokens(arr[i], grid, generate=False), list(t)], special) for i, t in enumerate(texts)]
+    at = np.zeros((len(pieces), max(len(p) for p in pieces)), bool)
+    for b, (piece, t) in enumerate(zip(pieces, texts)):   # <eoi> at n - k - 1 predicts t[0]; the last token <eos>
+        at[b, len(piece) - len(t) - 1:len(piece)] = True
     cache = Cache.empty(len(pieces), False, special.pad, images.device)
-    lp = torch.log_softmax(_append(model, cache, pieces, special, all_logits=True).double(), -1).cpu()   # (B, Lq, V)
-    out = torch.empty(len(pieces), dtype=torch.float64)
-    for b, (piece, t) in enumerate(zip(pieces, texts)):
-        n, k = len(piece), len(t)                         # <eoi> at n - k - 1 predicts t[0]; the last token <eos>
-        target = torch.tensor([*t, special.eos], dtype=torch.int64)[:, None]
-        out[b] = lp[b, n - k - 1:n].gather(1, target).sum()
-    return out
+    lp = torch.log_softmax(_append(model, cache, pieces, special, logits_at=at).double(), -1).cpu()   # (n_sel, V)
+    target = torch.tensor([x for t in texts for x in (*t, special.eos)], dtype=torch.int64)
+    row = torch.from_numpy(np.nonzero(at)[0])
+    return torch.zeros(len(pieces), dtype=torch.float64).index_add_(0, row, lp.gather(1, target[:, None])[:, 0])
 
 
 def _best_of(model, draw: Callable[[], torch.Tensor], texts: Sequence[Sequence[int]], special: SpecialIds,
