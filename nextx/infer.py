@@ -439,8 +439,9 @@ def t2i_main(argv: list[str] | None = None) -> int:
             item["written"] = w
             if a.tries > 1:
                 item["words_fit"] = words_fit(item["prompt"], finished_parts(d, w))
+            unfit = a.tries > 1 and not item["words_fit"]
             print(f"{item['file']}: {item['prompt']!r} + {w!r}"
-                  + ("" if a.tries == 1 else "" if item["words_fit"] else f" (no words that fit in {a.tries} samples)"))
+                  + (f" (no words that fit in {a.tries} samples)" if unfit else ""))
     (out / "settings.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False))
     print(f"{len(ims)} image(s) in {secs:.2f} s -> {out}/ (grid.png, settings.json)")
     return 0
