@@ -4,9 +4,10 @@
 
 Synthetic packed rows of the config's row_len and batch_rows (caption+image documents, half caption->image, as
 bench/train_throughput.py builds them), or with --real the config's own data (shards, tokenizers, t2i_ratio,
-packing); the config's objective and engine. Prints the median step time, the share of the IMM target pass (no-grad
-forward), the generated images a step and per second, and the top operators by self CPU time. The config's
-dist.compile is used (compiled blocks: the first steps compile and are not timed); --eager forces dist.compile=false.
+packing); the config's objective, engine and dist.precision (autocast, as the trainer). Prints the median step
+time, the share of the IMM target pass (no-grad forward), the generated images a step and per second, and the top
+operators by self CPU time. The config's dist.compile is used (compiled blocks: the first steps compile and are not
+timed); --eager forces dist.compile=false.
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     def step(i: int) -> float:
         t0 = time.perf_counter()
         gen.manual_seed(i)
-        loss, _ = objective.compute_loss(model, batches[i % 4], cfg.objective, special,
-                                         attention=cfg.model.attention, n_heads=cfg.model.n_heads, generator=gen,
-                                         step=i)
+        with eng.autocast():  # dist.precision, as the trainer runs it
+            loss, _ = objective.compute_loss(model, batches[i % 4], cfg.objective, special,
+                                             attention=cfg.model.attention, n_heads=cfg.model.n_heads,
+                                             generator=gen, step=i)
         eng.backward(loss)
         eng.step()
         return time.perf_counter() - t0

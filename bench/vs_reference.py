@@ -3,6 +3,7 @@
     python bench/vs_reference.py --minutes 5                       # flow, caption->image only (the reference's task)
     python bench/vs_reference.py --minutes 5 --shards D --text-tokenizer T --image-tokenizer P   # the demo's data
     python bench/vs_reference.py --minutes 5 --objective imm --steps 4
+    python bench/vs_reference.py --minutes 5 --precision bf16 --out runs/vs_reference_bf16   # both in bf16
 
 1. `nextx eval reference` trains the minimal DiT-style flow model (evals/reference.py) for --minutes and scores it
    on the held-out prompts with Euler at --ref-steps.
@@ -12,7 +13,8 @@
    images/s of 8 in two pairs of 1.5-minute runs), for the same wall time; `nextx eval shapes` on the same prompts.
 3. Prints images per second of both (the trainer's images_per_s over the run; the reference's count / time) and
    the per-fact accuracy, overall and per number of objects, side by side, and writes vs_reference.json.
-Run it on idle cores: the two trainings run one after the other, so they share nothing but the machine.
+Run it on idle cores: the two trainings run one after the other, each in its own process, so they share nothing but
+the machine.
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ def _row(name: str, ips: float, r: dict) -> list[str]:
     return rows
 
 
+def _run(args: list[str], out: str) -> None:
+    """`nextx ARGS` in a fresh Python process: each training starts from the same clean state, not from the heap,
+    threads and caches the other one left behind."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "nextx.cli", *args])
+    if r.returncode:
+        raise SystemExit(f"vs_reference: `nextx {' '.join(args[:2])}` failed (exit {r.returncode}); see {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shards", default="data/shapes32")
@@ -51,25 +63,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--t-shift", type=float, default=3.0, help="SD3 time shift of both models' training times and "
                    "sampling grids; 3 is the demo recipe's objective.t_shift")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="both models' training precision (bf16: autocast over fp32 weights, attention in fp32 on "
+                        "CPU); default: each its own default (the reference fp32, nextx configs/demo.yaml's)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of configs/demo.yaml for the nextx run")
     a = p.parse_args(argv)
-    from evals import reference, shapes_eval
-    from nextx import train
+    from evals import shapes_eval
 
     out = Path(a.out)
     ref_dir, run = out / "reference", out / f"nextx_{a.objective}"
     if not (ref_dir / "reference.json").exists():
-        reference.main(["--shards", a.shards, "--text-tokenizer", a.text_tokenizer, "--image-tokenizer",
+        _run(["eval", "reference", "--shards", a.shards, "--text-tokenizer", a.text_tokenizer, "--image-tokenizer",
                         a.image_tokenizer, "--out", str(ref_dir), "--minutes", str(a.minutes), "--steps",
-                        str(a.ref_steps), "--n", str(a.n), "--threads", str(a.threads), "--t-shift", str(a.t_shift)])
+                        str(a.ref_steps), "--n", str(a.n), "--threads", str(a.threads), "--t-shift", str(a.t_shift),
+                        *(["--precision", a.precision] if a.precision else [])], a.out)
     ref = json.loads((ref_dir / "reference.json").read_text())
     obj = ["objective.kind=flow", "objective.image_weight=4"] if a.objective == "flow" else []
-    train.main([str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"), f"name={run.name}",
+    _run(["train", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"), f"name={run.name}",
                 f"run_dir={out}", f"data.train_shards={a.shards}", f"data.val_shards={a.shards}",
                 f"data.text_tokenizer={a.text_tokenizer}", f"data.image_tokenizer={a.image_tokenizer}",
                 "data.t2i_ratio=1.0", "data.trim_multiple=2", f"train.threads={a.threads}", "train.steps=100000",
                 "train.save_every=0", f"objective.t_shift={a.t_shift}",
-                *obj, *a.overrides, "--max-minutes", str(a.minutes)])
+                *obj, *([f"dist.precision={a.precision}"] if a.precision else []), *a.overrides,
+                "--max-minutes", str(a.minutes)], a.out)
     shapes_eval.main([str(run), "--n", str(a.n), "--steps", str(a.steps), "--out", str(run / "eval")])
     nx = json.loads((run / "eval" / "eval.json").read_text())
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

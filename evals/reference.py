@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nextx.imm import shift_time
-from nextx.model import time_features
+from nextx.model import sdpa, time_features
 from nextx.positions import sincos_2d
 
 
@@ -46,7 +46,7 @@ class RefBlock(nn.Module):
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, dim=-1)       # (B, 1, d) each
         h = self.n1(x) * (1 + sc1) + sh1
         q, k, v = self.qkv(h).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, L, hd)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(B, L, d)
+        a = sdpa(q, k, v, keep, gqa=False).transpose(1, 2).reshape(B, L, d)
         x = x + g1 * self.proj(a)
         return x + g2 * self.mlp(self.n2(x) * (1 + sc2) + sh2)
 
@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=200, help="held-out prompts")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: torch autocast over fp32 weights in training (nextx's dist.precision; attention in "
+                        "fp32 on CPU, as nextx's); sampling is fp32 either way")
     p.add_argument("--cond", choices=["tokens", "pooled", "both"], default="tokens",
                    help="caption tokens in the sequence, the caption's mean token embedding added to the time "
                         "embedding (adaLN on every image token; the sequence is the image alone), or both")
@@ -205,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         t = shift_time(torch.rand(a.batch), a.t_shift)
         eps = torch.randn_like(x) * sigma_d
         xt = (1 - t)[:, None, None] * x + t[:, None, None] * eps
-        loss = (model(ids, keep, xt, t, pad) - (eps - x) / sigma_d).pow(2).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            G = model(ids, keep, xt, t, pad)
+        loss = (G.float() - (eps - x) / sigma_d).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -221,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     prompts = [d.texts[0] for d in held]
     res = {"params": sum(p.numel() for p in model.parameters()), "steps": step, "images_seen": seen,
-           "seconds": wall, "images_per_s": seen / wall, "n": len(held), "cfg_scale": a.cfg_scale, "t2i": {}}
+           "seconds": wall, "images_per_s": seen / wall, "n": len(held), "cfg_scale": a.cfg_scale,
+           "precision": a.precision, "t2i": {}}
     grids: dict[int, list] = {}
     for k in (int(s) for s in a.steps.split(",")):
         ims = []

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from nextx.config import ModelConfig
 from nextx.masks import block_mask, dense_mask, xformers_available
-from nextx.model import ModelInput, ModelOutput, NextX, _modulate, image_splits, noise_runs, spread, time_features
+from nextx.model import (ModelInput, ModelOutput, NextX, _modulate, image_splits, noise_runs, sdpa, spread,
+                         time_features)
 from nextx.positions import rope2d_inv_freq, rope_inv_freq, rope_section
 from nextx.pretrained import load_hf_llama
 from nextx.sequence import CLEAN, IGNORE, NOISE, PAD, TEXT, ImageTokens, SpecialIds, collate, layout_document, pack_row
@@ -411,6 +412,27 @@ def test_bf16_autocast_forward_and_backward():
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
     assert m.layers[0].ada.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_sdpa_of_bf16_on_cpu_is_the_fp32_attention_rounded(gqa):
+    """Under autocast on CPU the attention itself runs in fp32 (speed: its bf16 backward is slow there): values and
+    input gradients are fp32 SDPA's of the same bf16 inputs, rounded to bf16 once; outputs keep bf16."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 7, 8, generator=g).bfloat16().requires_grad_()
+    k, v = (torch.randn(2, 2 if gqa else 4, 7, 8, generator=g).bfloat16().requires_grad_() for _ in range(2))
+    mask = torch.rand(2, 1, 7, 7, generator=g) < 0.7
+    mask[..., 0] = True                                                       # every query sees a key
+    w = torch.randn(2, 4, 7, 8, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sdpa(q, k, v, mask, gqa)
+    (y.float() * w).sum().backward()
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    y32 = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=mask, enable_gqa=gqa)
+    (y32.bfloat16().float() * w).sum().backward()
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y32.bfloat16())
+    for a, b in ((q, q32), (k, k32), (v, v32)):
+        assert a.grad.dtype == torch.bfloat16 and torch.equal(a.grad, b.grad.bfloat16())
 
 
 @pytest.mark.parametrize("pos2d", ["rope", "sincos", "rope+sincos", "none"])

@@ -78,12 +78,15 @@ def test_reference_end_to_end(tmp_path, capsys):
     assert set(r["t2i"]) == {"1", "2"} and all(np.isfinite(v) for v in r["t2i"]["2"]["accuracy"].values())
     assert (out / "reference_grid.png").exists() and (out / "reference.pt").exists()
     assert "images/s" in capsys.readouterr().out
-    # the diagnostic variants: caption pooled into adaLN, the true attributes as the condition, shifted times
-    for extra in (["--cond", "pooled"], ["--cond", "both", "--condition", "attributes", "--t-shift", "3"]):
+    assert r["precision"] == "fp32"
+    # the diagnostic variants: caption pooled into adaLN, the true attributes as the condition, shifted times, bf16
+    for extra in (["--cond", "pooled"], ["--cond", "both", "--condition", "attributes", "--t-shift", "3"],
+                  ["--precision", "bf16"]):
         assert main(["--shards", str(shards), "--text-tokenizer", str(tmp_path / "text"), "--image-tokenizer",
                      str(tmp_path / "pix"), "--out", str(out / extra[1]), "--minutes", "0.01", "--batch", "4",
                      "--width", "32", "--depth", "1", "--threads", "1", "--steps", "1", "--n", "3", *extra]) == 0
-        assert json.loads((out / extra[1] / "reference.json").read_text())["t2i"]["1"]["n"] == 3
+        r = json.loads((out / extra[1] / "reference.json").read_text())
+        assert r["t2i"]["1"]["n"] == 3 and r["precision"] == ("bf16" if "bf16" in extra else "fp32")
 
 
 def test_reference_attribute_ids_and_time_shift():
