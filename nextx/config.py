@@ -113,6 +113,8 @@ class DataConfig:
     num_workers: int = 2          # DataLoader workers per rank
     pack_buffer: int = 64         # documents held while packing rows (larger = fewer pad tokens)
     use_latents: Literal["auto", "pixels", "latents"] = "auto"  # pre-encoded latents when present
+    cache_docs: bool = False      # each reader keeps the documents it decoded and tokenized in memory; later epochs
+                                  # skip the tar, the image decoding and the tokenizers (shard sets that fit in RAM)
     seed: int = 0
     max_bad_samples: int = 1000   # a reader that meets more bad samples than this stops the run, naming the shards
     max_bad_fraction: float = 0.2  # ... or a larger share of bad samples, once 50 samples were read

@@ -300,8 +300,8 @@ class Attention(nn.Module):
 
 def sdpa(q, k, v, mask, gqa: bool) -> torch.Tensor:
     """torch SDPA (B, H, Lq, hd) -> (B, H, Lq, hd). On CPU, bf16 inputs (autocast) run in fp32 and come back in
-    bf16: torch's CPU flash-attention backward is ~3.5x slower in bf16 than in fp32 at the demo's sizes (24 rows of
-    74 tokens, head_dim 32: 31 against 9 ms a step, `bench/profile_step.py ... dist.precision=bf16`), while the
+    bf16: torch's CPU flash-attention backward is ~3x slower in bf16 than in fp32 at the demo's sizes (24 rows of
+    74 tokens, head_dim 32: 31 against 10 ms a step, `bench/profile_step.py ... dist.precision=bf16`), while the
     matrix products around it are ~3.4x faster in bf16."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         with torch.autocast("cpu", enabled=False):

@@ -168,6 +168,44 @@ def test_loader_trim_pads_cuts_every_batch_to_its_longest_row(shard_env, multipl
         assert bool((f.kind[:, L:] == PAD).all())                            # only pads were cut
 
 
+@pytest.mark.parametrize("world", [1, 5])  # 5 readers for 4 shards: the sample-level split (stride 5)
+def test_cache_docs_gives_the_same_rows_and_reads_each_tar_once(shard_env, monkeypatch, world):
+    """data.cache_docs: three epochs give the same rows (ids, kinds, latents, positions) and the same counters (bad
+    samples every epoch) as reading the shards each time; with a shard per reader each tar is read once."""
+    import nextx.data as data
+
+    reads = Counter()
+    orig = data.raw_samples
+
+    def counting(path, stats):
+        reads[path] += 1
+        yield from orig(path, stats)
+
+    monkeypatch.setattr(data, "raw_samples", counting)
+
+    def three_epochs(cache):
+        reads.clear()
+        out = []
+        for r in PackedRows(_cfg(shard_env, **{"data.cache_docs": cache}), rank=0, world_size=world):
+            if r.position[1] == 3:
+                return out, dict(reads)
+            out.append(r)
+
+    (plain, plain_reads), (cached, cached_reads) = three_epochs(False), three_epochs(True)
+    assert len(plain) == len(cached) > 0
+    for a, b in zip(plain, cached):
+        assert a.position == b.position and a.stats == b.stats
+        assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("ids", "targets", "kind", "doc", "pos"))
+        assert [im.generate for im in a.images] == [im.generate for im in b.images]
+        assert all(np.array_equal(x.tokens, y.tokens) for x, y in zip(a.images, b.images))
+    if world == 1:
+        assert sum(r.stats.get("bad_sample", 0) for r in cached) == 3 * 3                # 3 bad samples, 3 epochs
+        assert len(cached_reads) == 4 and set(cached_reads.values()) == {1}              # 4 shards, each once
+        assert min(plain_reads.values()) == 3                                             # (and epoch 4 began)
+    else:                                       # stride > 1: a shard is skipped once all its samples were met
+        assert sum(cached_reads.values()) <= sum(plain_reads.values())
+
+
 def test_same_seed_same_rows(shard_env):
     cfg = _cfg(shard_env)
     a, b = _rows(cfg, 3), _rows(cfg, 3)
