@@ -74,18 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     ref_dir, run = out / "reference", out / f"nextx_{a.objective}"
     if not (ref_dir / "reference.json").exists():
         _run(["eval", "reference", "--shards", a.shards, "--text-tokenizer", a.text_tokenizer, "--image-tokenizer",
-                        a.image_tokenizer, "--out", str(ref_dir), "--minutes", str(a.minutes), "--steps",
-                        str(a.ref_steps), "--n", str(a.n), "--threads", str(a.threads), "--t-shift", str(a.t_shift),
-                        *(["--precision", a.precision] if a.precision else [])], a.out)
+              a.image_tokenizer, "--out", str(ref_dir), "--minutes", str(a.minutes), "--steps", str(a.ref_steps),
+              "--n", str(a.n), "--threads", str(a.threads), "--t-shift", str(a.t_shift),
+              *(["--precision", a.precision] if a.precision else [])], a.out)
     ref = json.loads((ref_dir / "reference.json").read_text())
     obj = ["objective.kind=flow", "objective.image_weight=4"] if a.objective == "flow" else []
     _run(["train", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"), f"name={run.name}",
-                f"run_dir={out}", f"data.train_shards={a.shards}", f"data.val_shards={a.shards}",
-                f"data.text_tokenizer={a.text_tokenizer}", f"data.image_tokenizer={a.image_tokenizer}",
-                "data.t2i_ratio=1.0", "data.trim_multiple=2", f"train.threads={a.threads}", "train.steps=100000",
-                "train.save_every=0", f"objective.t_shift={a.t_shift}",
-                *obj, *([f"dist.precision={a.precision}"] if a.precision else []), *a.overrides,
-                "--max-minutes", str(a.minutes)], a.out)
+          f"run_dir={out}", f"data.train_shards={a.shards}", f"data.val_shards={a.shards}",
+          f"data.text_tokenizer={a.text_tokenizer}", f"data.image_tokenizer={a.image_tokenizer}",
+          "data.t2i_ratio=1.0", "data.trim_multiple=2", f"train.threads={a.threads}", "train.steps=100000",
+          "train.save_every=0", f"objective.t_shift={a.t_shift}",
+          *obj, *([f"dist.precision={a.precision}"] if a.precision else []), *a.overrides,
+          "--max-minutes", str(a.minutes)], a.out)
     shapes_eval.main([str(run), "--n", str(a.n), "--steps", str(a.steps), "--out", str(run / "eval")])
     nx = json.loads((run / "eval" / "eval.json").read_text())
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

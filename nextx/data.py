@@ -208,14 +208,20 @@ def choose_layout(segments: list, is_pair: bool, *, t2i_ratio: float, rng: rando
     return segments
 
 
+def _laid_out(tokenized: tuple[list, bool, int], t2i_ratio: float, rng: random.Random, stats: dict) -> list:
+    """(segments, is_pair, truncated texts) -> the segments in their drawn layout; truncations counted in stats."""
+    segs, is_pair, truncated = tokenized
+    if truncated:
+        stats["truncated_text"] = stats.get("truncated_text", 0) + truncated
+    return choose_layout(segs, is_pair, t2i_ratio=t2i_ratio, rng=rng)
+
+
 def to_segments(doc: Document, text_tok, image_tok, *, t2i_ratio: float, max_text_tokens: int,
                 use_latents: str, rng: random.Random, stats: dict) -> list:
     """Document -> tokenized segments for `layout_document` (text -> ids, image -> ImageTokens)."""
     segs, truncated = tokenize_document(doc, text_tok, image_tok, max_text_tokens=max_text_tokens,
                                         use_latents=use_latents)
-    if truncated:
-        stats["truncated_text"] = stats.get("truncated_text", 0) + truncated
-    return choose_layout(segs, doc.is_pair(), t2i_ratio=t2i_ratio, rng=rng)
+    return _laid_out((segs, doc.is_pair(), truncated), t2i_ratio, rng, stats)
 
 
 def _image_tokens(images: list[Image], image_tok, use_latents: str, key: str) -> list[np.ndarray]:
@@ -321,10 +327,7 @@ class PackedRows(torch.utils.data.IterableDataset):
                                      shuffle=cfg.shard_shuffle, resample=cfg.resample)
         for sample in shuffled(self._samples(shards, stride, reader, stats), cfg.shuffle_buffer, rng):
             try:
-                tokens, is_pair, truncated = self._tokenized(sample, text_tok, image_tok)
-                if truncated:
-                    stats["truncated_text"] = stats.get("truncated_text", 0) + truncated
-                segs = choose_layout(tokens, is_pair, t2i_ratio=cfg.t2i_ratio, rng=rng)
+                segs = _laid_out(self._tokenized(sample, text_tok, image_tok), cfg.t2i_ratio, rng, stats)
                 if not segs:
                     raise BadSample(f"{sample['__key__']}: no text or image left after tokenization")
                 layout = layout_document(segs, special, drop_trailing_clean=cfg.drop_trailing_clean,
@@ -378,19 +381,18 @@ class PackedRows(torch.utils.data.IterableDataset):
         i = 0
         for path in shards:
             keys = self._shard_keys.get(path)
-            if keys is not None and all((path, k) in self._docs for k in keys):  # data.cache_docs: no tar read
-                for key in keys:
-                    if stride == 1 or i % stride == reader.index:
-                        yield {"__key__": key, "__url__": path}
-                    i += 1
-                continue
+            cached = keys is not None and all((path, k) in self._docs for k in keys)  # data.cache_docs: no tar read
             k, tar_stats, seen = 0, {}, []
-            for sample in raw_samples(path, tar_stats):
+            source = ({"__key__": key, "__url__": path} for key in keys) if cached else raw_samples(path, tar_stats)
+            for sample in source:
                 k += 1
-                seen.append(str(sample["__key__"]))
+                if self.cfg.cache_docs and not cached:
+                    seen.append(str(sample["__key__"]))
                 if stride == 1 or i % stride == reader.index:
                     yield sample
                 i += 1
+            if cached:
+                continue
             if self.cfg.cache_docs and not tar_stats.get("bad_tar") and self._expected.get(path, k) == k:
                 self._shard_keys[path] = seen
             unreadable = tar_stats.get("bad_tar", 0)
