@@ -11,8 +11,15 @@
    layouts only (data.t2i_ratio=1.0), batches cut to their longest row rounded up to 2 tokens, not 8
    (data.trim_multiple=2: every row is one ~74-token caption+image, so few shapes to compile; 1.07-1.16x the
    images/s of 8 in two pairs of 1.5-minute runs), for the same wall time; `nextx eval shapes` on the same prompts.
+   Scored twice: the prompts as written (what the reference gets), and drawn with nextx's inference procedure, the
+   demo's (DRAWING: the model finishes each prompt in up to 8 tokens of its own, written again until the words fit
+   the prompt; a prompt of several objects drawn as its noun phrases composed, each guiding the cell it names),
+   at the same guidance and steps.
 3. Prints images per second of both (the trainer's images_per_s over the run; the reference's count / time) and
    the per-fact accuracy, overall and per number of objects, side by side, and writes vs_reference.json.
+--heldout-shards takes the prompts from another shard set's held-out split (e.g. 1000 scenes of another seed:
+`nextx data shapes --out HO --n 100 --heldout-n 1000 --seed 1`), for error bars smaller than 29 single-object
+prompts give.
 Run it on idle cores: the two trainings run one after the other, each in its own process, so they share nothing but
 the machine.
 """
@@ -28,6 +35,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FACTS = ("count", "colour", "shape", "size", "position", "relation")
+DRAWING = ["--complete", "8", "--tries", "8", "--compose", "--regions"]
 
 
 def _row(name: str, ips: float, r: dict) -> list[str]:
@@ -60,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30, help="nextx sampling steps (Euler for flow, pushforward for IMM)")
     p.add_argument("--ref-steps", type=int, default=30, help="the reference's Euler steps")
     p.add_argument("--n", type=int, default=200)
+    p.add_argument("--heldout-shards", default=None, help="shard set whose held-out split gives the prompts of both "
+                   "models (default: --shards')")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--t-shift", type=float, default=3.0, help="SD3 time shift of both models' training times and "
                    "sampling grids; 3 is the demo recipe's objective.t_shift")
@@ -76,8 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         _run(["eval", "reference", "--shards", a.shards, "--text-tokenizer", a.text_tokenizer, "--image-tokenizer",
               a.image_tokenizer, "--out", str(ref_dir), "--minutes", str(a.minutes), "--steps", str(a.ref_steps),
               "--n", str(a.n), "--threads", str(a.threads), "--t-shift", str(a.t_shift),
+              *(["--heldout-shards", a.heldout_shards] if a.heldout_shards else []),
               *(["--precision", a.precision] if a.precision else [])], a.out)
     ref = json.loads((ref_dir / "reference.json").read_text())
+    held = a.heldout_shards or a.shards
+    if ref.get("heldout_shards", a.shards) != held:
+        raise SystemExit(f"vs_reference: {ref_dir} holds a reference scored on the prompts of "
+                         f"{ref.get('heldout_shards', a.shards)}, not of {held}; give another --out")
     obj = ["objective.kind=flow", "objective.image_weight=4"] if a.objective == "flow" else []
     _run(["train", str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"), f"name={run.name}",
           f"run_dir={out}", f"data.train_shards={a.shards}", f"data.val_shards={a.shards}",
@@ -86,18 +101,26 @@ def main(argv: list[str] | None = None) -> int:
           "train.save_every=0", f"objective.t_shift={a.t_shift}",
           *obj, *([f"dist.precision={a.precision}"] if a.precision else []), *a.overrides,
           "--max-minutes", str(a.minutes)], a.out)
-    shapes_eval.main([str(run), "--n", str(a.n), "--steps", str(a.steps), "--out", str(run / "eval")])
+    prompts = ["--n", str(a.n), "--steps", str(a.steps), "--shards", held, "--split", "heldout", "--no-captions"]
+    shapes_eval.main([str(run), *prompts, "--out", str(run / "eval")])
+    shapes_eval.main([str(run), *prompts, *DRAWING, "--out", str(run / "eval_drawing")])
     nx = json.loads((run / "eval" / "eval.json").read_text())
+    nxd = json.loads((run / "eval_drawing" / "eval.json").read_text())
+    if nx["prompts"] != ref.get("prompts", nx["prompts"]):
+        raise SystemExit(f"vs_reference: the reference in {ref_dir} was scored on other prompts than nextx's "
+                         f"({ref['n']} against {len(nx['prompts'])}); give --n as when it was trained")
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "images_per_s" in r]
     nx_ips = sum(r["images"] for r in recs) / sum(r["images"] / r["images_per_s"] for r in recs)
     res = {"minutes": a.minutes, "reference_images_per_s": ref["images_per_s"], "nextx_images_per_s": nx_ips,
            "ratio": nx_ips / ref["images_per_s"], "reference": ref["t2i"][str(a.ref_steps)],
-           "nextx": nx["t2i"][str(a.steps)], "objective": a.objective}
+           "nextx": nx["t2i"][str(a.steps)], "nextx_drawing": nxd["t2i"][str(a.steps)], "drawing": DRAWING,
+           "heldout_shards": held, "objective": a.objective}
     (out / "vs_reference.json").write_text(json.dumps(res, indent=2))
     print(f"\n{'model':<22} {'images/s':>8}  prompts  " + " ".join(f"{f:>8}" for f in FACTS) + f" {'all':>8}")
     for line in (_row(f"reference ({a.ref_steps} Euler)", ref["images_per_s"], res["reference"])
-                 + _row(f"nextx {a.objective} ({a.steps})", nx_ips, res["nextx"])):
+                 + _row(f"nextx {a.objective} ({a.steps})", nx_ips, res["nextx"])
+                 + _row(f"  + nextx's drawing", nx_ips, res["nextx_drawing"])):
         print(line)
     print(f"images/s ratio nextx / reference: {res['ratio']:.2f}  -> {out / 'vs_reference.json'}")
     return 0

@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", default="8,30", help="Euler steps at evaluation")
     p.add_argument("--n", type=int, default=200, help="held-out prompts")
+    p.add_argument("--heldout-shards", default=None, help="shapes shard dir whose held-out split gives the prompts "
+                   "(default: --shards'; e.g. a set of 1000 held-out scenes of another seed, for smaller error bars)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -176,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     text_tok, image_tok = load_tokenizer(a.text_tokenizer), load_image_tokenizer(a.image_tokenizer)
     pad, sigma_d = text_tok.pad_id, 0.5
 
-    def load(split, limit=None):
+    def load(split, limit=None, shards=a.shards):
         docs = []
-        for raw in iter_raw_samples(shard_paths(a.shards, split)):
+        for raw in iter_raw_samples(shard_paths(shards, split)):
             docs.append(decode_document(raw))
             if limit and len(docs) == limit:
                 break
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     caps = [encode(d) for d in train]
     x_all = image_tok.encode(pil_to_tensor([d.images[0].pixels for d in train], image_tok.image_size))  # (n, N, C)
     n_tok, C = x_all.shape[1:]
-    held = load("heldout", a.n)
+    held = load("heldout", a.n, a.heldout_shards or a.shards)
     held_ids = [encode(d) for d in held]  # held-out prompts may be longer than every training caption (e.g. two
     #   objects against single-object training scenes): the text position table covers both
     model = RefDiT(text_tok.vocab_size, max(len(c) for c in caps + held_ids) + 8, C, image_tok.grid, a.width,
@@ -227,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [d.texts[0] for d in held]
     res = {"params": sum(p.numel() for p in model.parameters()), "steps": step, "images_seen": seen,
            "seconds": wall, "images_per_s": seen / wall, "n": len(held), "cfg_scale": a.cfg_scale,
-           "precision": a.precision, "t2i": {}}
+           "precision": a.precision, "heldout_shards": str(a.heldout_shards or a.shards), "prompts": prompts,
+           "t2i": {}}
     grids: dict[int, list] = {}
     for k in (int(s) for s in a.steps.split(",")):
         ims = []

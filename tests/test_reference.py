@@ -87,6 +87,16 @@ def test_reference_end_to_end(tmp_path, capsys):
                      "--width", "32", "--depth", "1", "--threads", "1", "--steps", "1", "--n", "3", *extra]) == 0
         r = json.loads((out / extra[1] / "reference.json").read_text())
         assert r["t2i"]["1"]["n"] == 3 and r["precision"] == ("bf16" if "bf16" in extra else "fp32")
+    # prompts from the held-out split of another shard set (trained on the first): its 5 scenes, not the first's 6
+    other = tmp_path / "other"
+    assert shapes_main(["--out", str(other), "--n", "10", "--heldout-n", "5", "--seed", "1"]) == 0
+    assert main(["--shards", str(shards), "--heldout-shards", str(other), "--text-tokenizer", str(tmp_path / "text"),
+                 "--image-tokenizer", str(tmp_path / "pix"), "--out", str(out / "other"), "--minutes", "0.01",
+                 "--batch", "4", "--width", "32", "--depth", "1", "--threads", "1", "--steps", "1", "--n", "6"]) == 0
+    r = json.loads((out / "other" / "reference.json").read_text())
+    from nextx.documents import decode_document, iter_raw_samples, shard_paths
+    held = [decode_document(raw).texts[0] for raw in iter_raw_samples(shard_paths(str(other), "heldout"))]
+    assert r["n"] == 5 and r["prompts"] == held and r["heldout_shards"] == str(other)
 
 
 def test_reference_attribute_ids_and_time_shift():
