@@ -330,8 +330,10 @@ class PackedRows(torch.utils.data.IterableDataset):
                 segs = _laid_out(self._tokenized(sample, text_tok, image_tok), cfg.t2i_ratio, rng, stats)
                 if not segs:
                     raise BadSample(f"{sample['__key__']}: no text or image left after tokenization")
+                J = cfg.image_pos_jitter
+                gaps = [rng.randint(0, J) for seg in segs if isinstance(seg, ImageTokens)] if J else None
                 layout = layout_document(segs, special, drop_trailing_clean=cfg.drop_trailing_clean,
-                                         noise_copies=cfg.noise_copies)
+                                         noise_copies=cfg.noise_copies, image_gaps=gaps)
             except BadSample as e:
                 stats["bad_sample"] = stats.get("bad_sample", 0) + 1
                 self._n_bad += 1  # `stats` is emptied into every row; this one counts for the log lines

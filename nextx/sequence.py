@@ -89,8 +89,12 @@ class DocLayout:
 
 
 def layout_document(segments: Sequence, special: SpecialIds, *, drop_trailing_clean: bool = True,
-                    noise_copies: int = 1) -> DocLayout:
+                    noise_copies: int = 1, image_gaps: Sequence[int] | None = None) -> DocLayout:
     """Tokenized segments (list[int] for text, ImageTokens for images) -> DocLayout (see module docstring).
+
+    image_gaps (training only, `data.image_pos_jitter`): one int >= 0 per image, a gap of that many 1D positions
+    left before its `<boi>` (everything after moves with it), so the distance from the image to the words before it
+    varies and only what they say stays fixed. None: consecutive positions, what generation writes.
 
     noise_copies = M > 1 writes M noise splits per generated image (`<boi>` Z_1 .. Z_M [C]): the M IMM particles
     of one group, each with its own noise, all conditioned on the same prefix and blind to each other (masks.py).
@@ -133,6 +137,10 @@ def layout_document(segments: Sequence, special: SpecialIds, *, drop_trailing_cl
             last = i == len(segments) - 1
             idx = len(images)
             images.append(seg)
+            if image_gaps is not None:
+                if image_gaps[idx] < 0:
+                    raise ValueError(f"image_gaps must be >= 0, got {image_gaps[idx]} for image {idx}")
+                p += int(image_gaps[idx])
             text([special.boi])
             if seg.generate:
                 for _ in range(noise_copies):

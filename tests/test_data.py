@@ -206,6 +206,26 @@ def test_cache_docs_gives_the_same_rows_and_reads_each_tar_once(shard_env, monke
         assert sum(cached_reads.values()) <= sum(plain_reads.values())
 
 
+def _image_gaps(rows):
+    """The 1D gap before every image's <boi> in rows: pos(<boi>) - pos(token before it) - 1."""
+    gaps = []
+    for r in rows:
+        img = (r.kind == NOISE) | (r.kind == CLEAN)
+        for j in np.flatnonzero(img[1:] & ~img[:-1]) + 1:           # first token of each image split
+            if not img[j - 1] and j >= 2 and r.doc[j - 2] == r.doc[j] and not img[j - 2]:   # <boi> after a token
+                gaps.append(int(r.pos[j - 1] - r.pos[j - 2] - 1))
+    return gaps
+
+
+def test_image_pos_jitter_leaves_gaps_of_0_to_j_before_each_image(shard_env):
+    plain = _image_gaps(_rows(_cfg(shard_env), 0))
+    jittered = _image_gaps(_rows(_cfg(shard_env, **{"data.image_pos_jitter": 4}), 0))
+    assert plain and set(plain) == {0}
+    assert len(jittered) == len(plain) and set(jittered) == {0, 1, 2, 3, 4}
+    with pytest.raises(Exception, match="image_pos_jitter"):
+        _cfg(shard_env, **{"data.image_pos_jitter": -1})
+
+
 def test_same_seed_same_rows(shard_env):
     cfg = _cfg(shard_env)
     a, b = _rows(cfg, 3), _rows(cfg, 3)

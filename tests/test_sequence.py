@@ -180,3 +180,16 @@ def test_batch_field_lists_cover_every_field():
     names = {f.name for f in fields(Batch)} - {"stats"}
     assert names == set(Batch.ROW_FIELDS) | set(Batch.IMAGE_FIELDS)
     assert not set(Batch.ROW_FIELDS) & set(Batch.IMAGE_FIELDS)
+
+
+def test_image_gaps_move_the_image_and_what_follows_only():
+    plain = layout_document([[T0, T1], img(), [T2]], SP, drop_trailing_clean=False)
+    moved = layout_document([[T0, T1], img(), [T2]], SP, drop_trailing_clean=False, image_gaps=[3])
+    assert moved.ids.tolist() == plain.ids.tolist() and moved.kind.tolist() == plain.kind.tolist()
+    assert moved.targets.tolist() == plain.targets.tolist() and moved.pos2d.tolist() == plain.pos2d.tolist()
+    boi = plain.ids.tolist().index(SP.boi)
+    assert moved.pos[:boi].tolist() == plain.pos[:boi].tolist() == [0, 1, 2]      # <bos> a b: where they were
+    assert (moved.pos[boi:] - plain.pos[boi:]).tolist() == [3] * (len(plain) - boi)   # <boi> .. <eos>: 3 later
+    assert layout_document([[T0], img()], SP, image_gaps=[0]).pos.tolist() == layout_document([[T0], img()], SP).pos.tolist()
+    with pytest.raises(ValueError, match="image_gaps"):
+        layout_document([[T0], img()], SP, image_gaps=[-1])
