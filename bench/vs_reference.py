@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-steps", type=int, default=30, help="the reference's Euler steps")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--heldout-shards", default=None, help="shard set whose held-out split gives the prompts of both "
-                   "models (default: --shards')")
+                   "models (default: those of --shards)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--t-shift", type=float, default=3.0, help="SD3 time shift of both models' training times and "
                    "sampling grids; 3 is the demo recipe's objective.t_shift")

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="8,30", help="Euler steps at evaluation")
     p.add_argument("--n", type=int, default=200, help="held-out prompts")
     p.add_argument("--heldout-shards", default=None, help="shapes shard dir whose held-out split gives the prompts "
-                   "(default: --shards'; e.g. a set of 1000 held-out scenes of another seed, for smaller error bars)")
+                   "(default: those of --shards; e.g. 1000 held-out scenes of another seed, for smaller error bars)")
     p.add_argument("--cfg-scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",

@@ -190,6 +190,7 @@ def test_image_gaps_move_the_image_and_what_follows_only():
     boi = plain.ids.tolist().index(SP.boi)
     assert moved.pos[:boi].tolist() == plain.pos[:boi].tolist() == [0, 1, 2]      # <bos> a b: where they were
     assert (moved.pos[boi:] - plain.pos[boi:]).tolist() == [3] * (len(plain) - boi)   # <boi> .. <eos>: 3 later
-    assert layout_document([[T0], img()], SP, image_gaps=[0]).pos.tolist() == layout_document([[T0], img()], SP).pos.tolist()
+    no_gap = layout_document([[T0], img()], SP, image_gaps=[0])
+    assert no_gap.pos.tolist() == layout_document([[T0], img()], SP).pos.tolist()
     with pytest.raises(ValueError, match="image_gaps"):
         layout_document([[T0], img()], SP, image_gaps=[-1])
