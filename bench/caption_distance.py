@@ -49,11 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     model, cfg, text_tok, image_tok, special = load_for_inference(a.run)
     caps = [d.texts[0] for d in held_out_docs(cfg, a.n, a.split, a.shards)]
     nps = [parse_caption(c).nps for c in caps]
-    kinds = {"1 object, no cell": [c for c, n in zip(caps, nps) if len(n) == 1 and n[0].cell is None],
-             "1 object, cell named": [c for c, n in zip(caps, nps) if len(n) == 1 and n[0].cell is not None],
-             "2 objects": [c for c, n in zip(caps, nps) if len(n) == 2]}
+    kinds = {"1 object, no cell": [i for i, n in enumerate(nps) if len(n) == 1 and n[0].cell is None],
+             "1 object, cell named": [i for i, n in enumerate(nps) if len(n) == 1 and n[0].cell is not None],
+             "2 objects": [i for i, n in enumerate(nps) if len(n) == 2]}
     pipe = Pipeline.from_model(model, cfg, text_tok, image_tok, special)
-    steps = a.steps or (50 if cfg.objective.kind == "flow" else 4)
+    steps = a.steps or pipe.steps
     refine, gap = generate.refine, [0]
 
     def moved(model, cache, rows, *args, **kw):
@@ -71,14 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         for g in gaps:
             gap[0] = g
             cells = []
-            for name, prompts in kinds.items():
-                if not prompts:
+            for name, idx in kinds.items():
+                if not idx:
                     continue
-                dets = [detect(im) for im in to_pil(pipe.t2i(prompts, steps=steps, cfg_scale=a.cfg_scale, seed=0,
-                                                             batch_size=50))]
-                first = np.mean([any(o["colour"] == parse_caption(c).nps[0].colour for o in d)
-                                 for c, d in zip(prompts, dets)])
-                cells.append(f"{name} ({len(prompts)}): {first:.2f} / {np.mean([len(d) == 1 for d in dets]):.2f} / "
+                dets = [detect(im) for im in to_pil(pipe.t2i([caps[i] for i in idx], steps=steps,
+                                                             cfg_scale=a.cfg_scale, seed=0, batch_size=50))]
+                first = np.mean([any(o["colour"] == nps[i][0].colour for o in d) for i, d in zip(idx, dets)])
+                cells.append(f"{name} ({len(idx)}): {first:.2f} / {np.mean([len(d) == 1 for d in dets]):.2f} / "
                              f"{np.mean([not d for d in dets]):.2f} / {np.mean([len(d) for d in dets]):.2f}")
             print(f"gap {g:>2}: " + " | ".join(cells), flush=True)
     finally:

@@ -9,6 +9,7 @@ from data_tools.shapes import make_documents, parse_caption, parse_weights
 from data_tools.shapes import main as shapes_main
 from evals.shapes_eval import grid_columns, labelled_grid, score_with_chance
 from nextx.cli import _call
+from nextx.documents import decode_document, iter_raw_samples, shard_paths
 
 
 def test_object_weights_change_train_scenes_only():
@@ -94,7 +95,6 @@ def test_reference_end_to_end(tmp_path, capsys):
                  "--image-tokenizer", str(tmp_path / "pix"), "--out", str(out / "other"), "--minutes", "0.01",
                  "--batch", "4", "--width", "32", "--depth", "1", "--threads", "1", "--steps", "1", "--n", "6"]) == 0
     r = json.loads((out / "other" / "reference.json").read_text())
-    from nextx.documents import decode_document, iter_raw_samples, shard_paths
     held = [decode_document(raw).texts[0] for raw in iter_raw_samples(shard_paths(str(other), "heldout"))]
     assert r["n"] == 5 and r["prompts"] == held and r["heldout_shards"] == str(other)
 
