@@ -59,6 +59,11 @@ class ModelConfig:
     #   linear per token; 3 = 3x3 convolutions, so every token's input and output see its neighbours from the start
     block_conv: int = 0           # 0 = off; k = a zero-initialised depthwise k x k convolution over each image split's
     #   grid in every block (after attention), so locality does not wait for attention to learn it
+    pixel_unet: int = 0           # 0 = off; W = a pixel-level U-Net encoder/decoder around each image's tokens:
+    #   every token's latent unfolded to its p x p pixels (p = the pixel tokenizer's patch, 1 for autoencoder
+    #   latents), convolutions of W, 2W, ... channels down to the token grid (added to the latent embedding), and up
+    #   again with skips to the noise tokens' output (added to the latent head): drawing is translation-equivariant
+    #   in pixels, not learned per sub-patch offset (Transfusion's U-Net down/up blocks, shrunk)
     text_cond: Literal["none", "pooled"] = "none"  # pooled: the mean input embedding of the text before each image
     #   in its document (its caption) goes through an MLP into the time embedding, so every noise token's adaLN
     #   modulation carries the caption from the first step, not only what attention has learned to fetch
@@ -86,6 +91,7 @@ class ModelConfig:
         _require(self.time_freq_dim % 2 == 0, f"{p}.time_freq_dim", "must be even (sin and cos halves)")
         _require(self.latent_conv >= 1 and self.latent_conv % 2 == 1, f"{p}.latent_conv",
                  f"must be an odd kernel size >= 1 (1 = linear), got {self.latent_conv}")
+        _require(self.pixel_unet >= 0, f"{p}.pixel_unet", f"must be 0 (off) or a width > 0, got {self.pixel_unet}")
         _require(self.block_conv == 0 or (self.block_conv > 0 and self.block_conv % 2 == 1), f"{p}.block_conv",
                  f"must be 0 (off) or an odd kernel size, got {self.block_conv}")
 

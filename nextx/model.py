@@ -50,7 +50,10 @@ image split's token grid (`image_splits` finds the splits from pos2d: each start
 instead of linear maps per token. Then every image token's input and output see its neighbours from the first step,
 before attention has learned any locality (small models on short budgets draw scattered patches otherwise: README).
 `block_conv: k` adds, in every block after attention, a zero-initialised depthwise k x k convolution over the same
-grids (residual), so locality grows through the depth without waiting for attention. A split is always run whole
+grids (residual), so locality grows through the depth without waiting for attention. `pixel_unet: W` adds a
+pixel-level U-Net (`PixelUNet`) around the tokens: every split's latents unfolded to pixels (`latent_patch` p per
+token side), encoded down to the token grid (added to the latent embedding); the noise splits' final states decoded
+back up with the encoder's activations as skips (added to the latent head's output). A split is always run whole
 (training rows, the sampler's noise and clean chunks), so the result never depends on how a sequence is cut into
 calls.
 
@@ -83,6 +86,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nextx.config import ModelConfig
+from nextx.latents import patchify, unpatchify
 from nextx.masks import block_mask, check_flex_head_dim, dense_mask, flex_attention_compiled, require_xformers
 from nextx.positions import apply_rope, rope2d_inv_freq, rope_cos_sin, rope_inv_freq, rope_section, sincos_2d
 from nextx.sequence import CLEAN, NOISE, TEXT, gather_context, image_text_context
@@ -191,6 +195,66 @@ def grid_conv(conv: nn.Conv2d, x: torch.Tensor, splits: list[tuple[torch.Tensor,
         y = conv(g).permute(0, 2, 3, 1).reshape(-1, conv.out_channels)          # (n h w, C_out)
         out = out.index_copy(0, idx.reshape(-1), y.to(out.dtype))
     return out
+
+
+class _Res(nn.Module):
+    """x + conv(gelu(conv(gelu(x)))), 3x3, channels kept."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(ch, ch, 3, padding=1), nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.b(F.gelu(self.a(F.gelu(x))))
+
+
+class PixelUNet(nn.Module):
+    """A pixel-level U-Net encoder/decoder around the transformer (`pixel_unet: W`; Transfusion's U-Net down/up
+    blocks, shrunk). Patch p = 2^n: n strided 4x4 convolutions from pixels to the token grid, channels W, 2W, ...,
+    W 2^n, a residual 3x3 block at each resolution; the decoder mirrors it with transposed convolutions and adds the
+    encoder's activation at each resolution (the skips).
+
+    encode: pixels (n, c, h p, w p) -> token features (n, h w, D) row-major, skips [(n, W 2^i, h p / 2^i, ...)];
+    decode: token features (n, h w, D) + the same image's skips -> pixels (n, c, h p, w p). PyTorch's default init;
+    the output convolution starts at zero, so the model starts as without it."""
+
+    def __init__(self, c: int, width: int, p: int, d: int):
+        super().__init__()
+        n = int(round(math.log2(p)))
+        if 2 ** n != p:
+            raise ValueError(f"pixel_unet needs a power-of-two patch, got {p}")
+        ch = [width * 2 ** i for i in range(n + 1)]
+        self.inp = nn.Conv2d(c, width, 3, padding=1)
+        self.enc = nn.ModuleList(_Res(k) for k in ch)
+        self.down = nn.ModuleList(nn.Conv2d(ch[i], ch[i + 1], 4, stride=2, padding=1) for i in range(n))
+        self.to_tok, self.from_tok = nn.Linear(ch[-1], d), nn.Linear(d, ch[-1])
+        self.dec = nn.ModuleList(_Res(k) for k in ch)
+        self.up = nn.ModuleList(nn.ConvTranspose2d(ch[i + 1], ch[i], 4, stride=2, padding=1) for i in range(n))
+        self.out = nn.Conv2d(width, c, 3, padding=1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        nn.init.zeros_(self.out.weight), nn.init.zeros_(self.out.bias)
+
+    def encode(self, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips, h = [], self.inp(img)
+        for i, blk in enumerate(self.enc):
+            h = blk(h)
+            skips.append(h)
+            if i < len(self.down):
+                h = self.down[i](h)
+        return self.to_tok(h.flatten(2).transpose(1, 2)), skips
+
+    def decode(self, tok: torch.Tensor, skips: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+        h = self.from_tok(tok).transpose(1, 2).reshape(tok.shape[0], -1, *grid)
+        for i in reversed(range(len(self.dec))):
+            h = self.dec[i](h + skips[i])
+            if i:
+                h = self.up[i - 1](h)
+        return self.out(F.gelu(h))
 
 
 def time_features(x: torch.Tensor, dim: int, max_period: float = 1e4) -> torch.Tensor:
@@ -387,7 +451,9 @@ class NextX(nn.Module):
     """Decoder-only transformer: text tokens and latent image tokens in, text logits and latent G out.
 
     cfg.vocab_size may be 0 (filled from `vocab_size`) or must equal `vocab_size`. `rope_scaling`: an HF Llama
-    rope-scaling dict (None or llama3), normally set only by `pretrained.load_hf_llama`."""
+    rope-scaling dict (None or llama3), normally set only by `pretrained.load_hf_llama`. `latent_patch`: each latent
+    token is p x p pixels of latent_dim / p^2 channels (patchify's layout; the pixel tokenizer's patch), used by
+    `pixel_unet`."""
 
     @property
     def uniform_graph(self) -> bool:
@@ -402,7 +468,8 @@ class NextX(nn.Module):
         for blk in self.layers:
             blk.uniform = bool(on)
 
-    def __init__(self, cfg: ModelConfig, *, vocab_size: int, latent_dim: int, rope_scaling: dict | None = None):
+    def __init__(self, cfg: ModelConfig, *, vocab_size: int, latent_dim: int, rope_scaling: dict | None = None,
+                 latent_patch: int = 1):
         super().__init__()
         cfg.check()
         if cfg.vocab_size not in (0, vocab_size):
@@ -425,6 +492,13 @@ class NextX(nn.Module):
         self.final_ada = nn.Linear(d, 2 * d)                # SiLU(e) -> (shift, scale) before the latent head
         self.lm_head = nn.Linear(d, vocab_size, bias=False)
         self.latent_head = nn.Linear(d, latent_dim) if k == 1 else nn.Conv2d(d, latent_dim, k, padding=k // 2)
+        self.latent_patch = latent_patch
+        self.unet = None
+        if cfg.pixel_unet:
+            if latent_patch < 1 or latent_dim % (latent_patch * latent_patch):
+                raise ValueError(f"latent_dim={latent_dim} is not a whole number of {latent_patch}x{latent_patch} "
+                                 "pixel patches (model.pixel_unet)")
+            self.unet = PixelUNet(latent_dim // latent_patch ** 2, cfg.pixel_unet, latent_patch, d)
         self.register_buffer("rope_inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, rope_scaling))
         self.register_buffer("rope_section", rope_section(cfg.head_dim // 2), persistent=False)
         self.reset_parameters()
@@ -433,7 +507,10 @@ class NextX(nn.Module):
 
     def reset_parameters(self) -> None:
         std, n = self.cfg.init_std, self.cfg.n_layers
+        unet = set(self.unet.modules()) if self.unet is not None else set()   # keeps PyTorch's conv init
         for m in self.modules():
+            if m in unet:
+                continue
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, 0.0, std)
                 if getattr(m, "bias", None) is not None:
@@ -451,6 +528,8 @@ class NextX(nn.Module):
                 nn.init.zeros_(blk.local.weight), nn.init.zeros_(blk.local.bias)
         for m in (self.final_ada, self.latent_head):
             nn.init.zeros_(m.weight), nn.init.zeros_(m.bias)
+        if self.unet is not None:
+            self.unet.reset_parameters()
 
     # ---- forward pieces
 
@@ -468,8 +547,37 @@ class NextX(nn.Module):
         if self.cfg.pos2d in ("sincos", "rope+sincos"):
             scale = self.cfg.sincos_scale or self.cfg.init_std
             z = z + scale * sincos_2d(pos2d, self.cfg.d_model).to(z.dtype)
+        skips = None
+        if self.unet is not None:
+            z, skips = self._unet_encode(lat, z, splits)
         tok = self.embed_tokens(ids)                                                  # (B, L, D)
-        return torch.where(is_img, z.to(tok.dtype), tok)      # residual stream stays in the weights' dtype (fp32)
+        return torch.where(is_img, z.to(tok.dtype), tok), skips  # residual stream in the weights' dtype (fp32)
+
+    def _unet_encode(self, lat, z, splits):
+        """z (B, L, D) + the U-Net's token features of every split's pixels; -> (z, [skips of each split group])."""
+        B, L, C = lat.shape
+        flat, zf, p = lat.reshape(B * L, C), z.reshape(B * L, -1), self.latent_patch
+        if self.uniform_graph and not splits:        # in the graph on a rank without images (ZeRO-3 gathers)
+            tok, sk = self.unet.encode(flat.new_zeros(0, C // (p * p), p, p))
+            y = self.unet.decode(tok, sk, (1, 1))
+            return z + (tok.sum() + y.sum()).to(z.dtype) * 0.0, []
+        skips = []
+        for idx, h, w in splits:
+            tok, sk = self.unet.encode(unpatchify(flat[idx], (h, w), p))            # (n, h w, D), skips
+            zf = zf.index_add(0, idx.reshape(-1), tok.reshape(-1, tok.shape[-1]).to(zf.dtype))
+            skips.append(sk)
+        return zf.view(B, L, -1), skips
+
+    def _unet_decode(self, h, kind, splits, skips, out):
+        """out (B, L, C) + the U-Net's pixels, decoded from h (B, L, D) on every NOISE split -> (B, L, C)."""
+        B, L, C = out.shape
+        hf, of, flat_kind = h.reshape(B * L, -1), out.reshape(B * L, C), kind.reshape(-1)
+        for (idx, hh, ww), sk in zip(splits, skips):
+            m = flat_kind[idx[:, 0]] == NOISE                                         # (n,) noise splits
+            if bool(m.any()):
+                px = self.unet.decode(hf[idx[m]], [s[m] for s in sk], (hh, ww))       # (n', c, hh p, ww p)
+                of = of.index_add(0, idx[m].reshape(-1), patchify(px, self.latent_patch).reshape(-1, C).to(of.dtype))
+        return of.view(B, L, C)
 
     def _time(self, t, s, ctx=None):
         """t, s (n_img,) -> SiLU(e) (n_img, D) fp32, e = MLP_t(feat(1000 t)) + MLP_gap(feat(1000 (t - s))), plus
@@ -527,9 +635,9 @@ class NextX(nn.Module):
                 raise ValueError(f"mask must be (B, 1, {ids.shape[1]}, {lk}) (queries x cached+new keys), "
                                  f"got {tuple(mask.shape)}")
         splits = None                                                                 # image splits by grid
-        if self.cfg.latent_conv > 1 or self.cfg.block_conv:
+        if self.cfg.latent_conv > 1 or self.cfg.block_conv or self.unet is not None:
             splits = image_splits((kind == CLEAN) | (kind == NOISE), pos2d)
-        x = self._embed(ids, kind, pos2d, latents, splits)                            # (B, L, D)
+        x, skips = self._embed(ids, kind, pos2d, latents, splits)                     # (B, L, D)
         cos, sin = self._rope(pos, pos2d, kind)                                       # (B, 1, L, hd) each
         noise = (kind == NOISE).reshape(-1)
         nz = noise.nonzero().squeeze(1)                                               # (n_noise,) flat indices
@@ -564,6 +672,8 @@ class NextX(nn.Module):
             noise_splits = [(idx[flat_kind[idx[:, 0]] == NOISE], hh, ww) for idx, hh, ww in splits]
             lat_out = grid_conv(self.latent_head, h.reshape(B * L, -1),
                                 [s for s in noise_splits if len(s[0])], B * L, self.uniform_graph).view(B, L, -1)
+        if skips:
+            lat_out = self._unet_decode(h, kind, splits, skips, lat_out)
         return ModelOutput(text_logits=logits, latent_out=lat_out, past=new_past if use_cache else None)
 
     # ---- helpers

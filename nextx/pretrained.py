@@ -46,7 +46,11 @@ def _read_hf_state(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_hf_llama(path, *, latent_dim: int = 16, **overrides) -> NextX:
+_FROM_CHECKPOINT = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "ffn_multiple", "vocab_size",
+                    "rope_theta", "norm_eps", "tie_embeddings", "hf_init")
+
+
+def load_hf_llama(path, *, latent_dim: int = 16, latent_patch: int = 1, **overrides) -> NextX:
     """A LOCAL Hugging Face Llama checkpoint dir (config.json + safetensors or pytorch_model.bin) -> NextX in fp32.
 
     The ModelConfig comes from the checkpoint (d_model, n_layers, n_heads, n_kv_heads, ffn_hidden, rope_theta,
@@ -83,7 +87,8 @@ def load_hf_llama(path, *, latent_dim: int = 16, **overrides) -> NextX:
     for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "rope_theta"):
         if getattr(cfg, k) != base[k]:
             raise ValueError(f"override {k}={getattr(cfg, k)} contradicts the checkpoint ({base[k]})")
-    model = NextX(cfg, vocab_size=cfg.vocab_size, latent_dim=latent_dim, rope_scaling=scaling)
+    model = NextX(cfg, vocab_size=cfg.vocab_size, latent_dim=latent_dim, rope_scaling=scaling,
+                  latent_patch=latent_patch)
 
     sd = {k.removeprefix("model."): v for k, v in _read_hf_state(path).items()}
     if "lm_head.weight" not in sd:
@@ -111,10 +116,10 @@ def build_model(cfg: Config, text_tok, image_tok):
     vocab = cfg.model.vocab_size or text_tok.vocab_size
     if vocab < text_tok.vocab_size:
         raise ConfigError(f"model.vocab_size: {vocab} is smaller than the text tokenizer's {text_tok.vocab_size}")
-    if cfg.model.hf_init:
+    patch = image_tok.patch_size if getattr(image_tok, "type", None) == "pixel" else 1   # pixels per token side
+    if cfg.model.hf_init:   # the checkpoint sets the text path's shape; every other model field is the config's
         hf_vocab = json.loads((Path(cfg.model.hf_init) / "config.json").read_text()).get("vocab_size", 0)
+        ours = {f.name: getattr(cfg.model, f.name) for f in fields(ModelConfig) if f.name not in _FROM_CHECKPOINT}
         return load_hf_llama(cfg.model.hf_init, vocab_size=max(vocab, hf_vocab), latent_dim=image_tok.token_dim,
-                             pos2d=cfg.model.pos2d, time_freq_dim=cfg.model.time_freq_dim,
-                             attention=cfg.model.attention,
-                             activation_checkpointing=cfg.model.activation_checkpointing)
-    return NextX(cfg.model, vocab_size=vocab, latent_dim=image_tok.token_dim)
+                             latent_patch=patch, **ours)
+    return NextX(cfg.model, vocab_size=vocab, latent_dim=image_tok.token_dim, latent_patch=patch)

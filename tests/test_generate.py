@@ -38,7 +38,7 @@ def tiny_model(seed=0, **kw) -> NextX:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():                       # the modulation and latent head are zero at init: make them act
         for name, p in m.named_parameters():
-            if "ada" in name or "latent_head" in name or ".local." in name:
+            if "ada" in name or "latent_head" in name or ".local." in name or "unet.out" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return m
 
@@ -130,7 +130,7 @@ def test_hidden_null_prompt_is_the_empty_caption(model, sampler, pooled):
 
 @pytest.mark.parametrize("kw", [dict(pos2d="sincos"), dict(pos2d="none"), dict(latent_conv=3),
                                 dict(pos2d="rope+sincos", latent_conv=3, sincos_scale=1.0),
-                                dict(latent_conv=3, block_conv=3),
+                                dict(latent_conv=3, block_conv=3), dict(pixel_unet=4, pos2d="rope+sincos"),
                                 dict(text_cond="pooled", pos2d="rope+sincos", latent_conv=3, sincos_scale=1.0)])
 def test_t2i_cached_equals_reference_other_2d_positions(kw):
     m = tiny_model(1, **kw)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from nextx.config import ModelConfig
 from nextx.masks import block_mask, dense_mask, xformers_available
-from nextx.model import (ModelInput, ModelOutput, NextX, _modulate, image_splits, noise_runs, sdpa, spread,
+from nextx.model import (ModelInput, ModelOutput, NextX, PixelUNet, _modulate, image_splits, noise_runs, sdpa, spread,
                          time_features)
 from nextx.positions import rope2d_inv_freq, rope_inv_freq, rope_section
 from nextx.pretrained import load_hf_llama
@@ -498,6 +498,57 @@ def test_latent_conv_sees_neighbours_and_only_its_split():
     cells = [tuple(b.pos2d[0, j].tolist()) for j in changed]
     assert i in changed and all(j - i < 12 for j in changed)                 # its own image only
     assert (0, 2) in cells and (2, 2) in cells and (0, 3) not in cells and (2, 3) not in cells
+
+
+def test_pixel_unet_shapes_and_zero_start():
+    """The U-Net around the tokens: token features on the patch grid (row-major), a skip at each resolution, a
+    decoder that starts at zero (the model starts as its plain self at the output)."""
+    u = PixelUNet(3, 4, 4, 16)
+    tok, skips = u.encode(torch.randn(2, 3, 16, 8))
+    assert tok.shape == (2, 8, 16) and [tuple(s.shape[1:]) for s in skips] == [(4, 16, 8), (8, 8, 4), (16, 4, 2)]
+    assert torch.equal(u.decode(tok, skips, (4, 2)), torch.zeros(2, 3, 16, 8))
+    with pytest.raises(ValueError, match="power-of-two"):
+        PixelUNet(3, 4, 3, 16)
+
+
+def test_pixel_unet_each_noise_split_from_its_own_pixels():
+    """pixel_unet on 2x2-pixel tokens of 3 channels (latent_dim 12): a document's noise outputs are the same alone
+    in a row or packed after another one (the split bookkeeping); with attention and MLP outputs zeroed, a pixel of
+    one image moves the noise outputs of that image only, and a clean split's pixels never reach a noise output."""
+    torch.manual_seed(0)
+
+    def img(h, w, seed):
+        return ImageTokens(np.random.default_rng(seed).normal(0, 0.5, (h * w, 12)).astype(np.float32), (h, w), True)
+
+    m = perturb_zero_init(NextX(tiny_cfg(pixel_unet=4, pos2d="rope+sincos"), vocab_size=V, latent_dim=12,
+                                latent_patch=2)).eval()
+    with torch.no_grad():
+        nn_init = torch.Generator().manual_seed(1)
+        m.unet.out.weight.copy_(torch.randn(m.unet.out.weight.shape, generator=nn_init) * 0.1)
+    d1 = layout_document([[5, 6], img(2, 3, 1), [8, 9]], SP)                 # clean copy kept (text after it)
+    d2 = layout_document([[7], img(3, 2, 2)], SP)
+    alone, packed = collate([pack_row([d2], 40, SP.pad)]), collate([pack_row([d1, d2], 40, SP.pad)])
+    with torch.no_grad():
+        a = run(m, alone, dense_mask(alone.doc, alone.kind, alone.split), t=torch.tensor([0.7]),
+                s=torch.tensor([0.3])).latent_out[0]
+        p = run(m, packed, dense_mask(packed.doc, packed.kind, packed.split), t=torch.tensor([0.5, 0.7]),
+                s=torch.tensor([0.2, 0.3])).latent_out[0]
+        na, np_ = alone.kind[0] == NOISE, packed.kind[0] == NOISE
+        two = np_.nonzero().squeeze(1)[6:]                                    # d2's noise tokens in the packed row
+        torch.testing.assert_close(p[two], a[na], atol=1e-5, rtol=1e-5)
+        assert a[na].abs().min() > 0
+        for blk in m.layers:
+            blk.self_attn.o_proj.weight.zero_(), blk.mlp.down_proj.weight.zero_()
+        mask = dense_mask(packed.doc, packed.kind, packed.split)
+        base = run(m, packed, mask).latent_out[0]
+        for j, own in ((int(np_.nonzero()[0]), np_.nonzero().squeeze(1)[:6]),
+                       (int((packed.kind[0] == CLEAN).nonzero()[0]), None)):
+            lat = packed.latents.clone()
+            lat[0, j, 5] += 1.0                                               # one pixel of one token
+            moved = ((run(m, packed, mask, latents=lat).latent_out[0] - base).abs().sum(-1) > 0) & np_
+            assert set(moved.nonzero().squeeze(1).tolist()) == (set(own.tolist()) if own is not None else set())
+    with pytest.raises(ValueError, match="whole number"):
+        NextX(tiny_cfg(pixel_unet=4), vocab_size=V, latent_dim=C, latent_patch=2)
 
 
 def test_block_conv_widens_the_neighbourhood_and_starts_as_identity():
