@@ -9,13 +9,17 @@ patch embedding + a fixed 2D sin-cos table at amplitude 1) in ONE bidirectional 
 adaLN-Zero modulation of every token from the time embedding; zero-initialised output head on the image tokens.
 Flow matching with nextx's conventions: x_t = (1 - t) x + t eps, eps ~ N(0, sigma_d^2), the net predicts
 G = (eps - x) / sigma_d; Euler sampling from t = 1 to 0. CFG dropout 0.1 (caption -> all pads). AdamW, EMA.
+
+Diagnostics: `--condition attributes` (the scene's true attributes instead of the caption: drawing without reading),
+`--pixel-unet W` (a pixel-level U-Net encoder/decoder around the tokens, for pixel tokenizers), `--snapshots 5,10`
+(the EMA weights also scored at those training minutes: how a fact's accuracy grows with the budget).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -26,7 +30,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nextx.imm import shift_time
-from nextx.model import sdpa, time_features
+from nextx.latents import patchify, unpatchify
+from nextx.model import PixelUNet, sdpa, time_features
 from nextx.positions import sincos_2d
 
 
@@ -55,9 +60,12 @@ class RefDiT(nn.Module):
     """Caption ids (B, Lt) + noised image tokens (B, N, C) + t (B,) -> G (B, N, C)."""
 
     def __init__(self, vocab: int, max_text: int, token_dim: int, grid: tuple[int, int], width: int = 128,
-                 depth: int = 4, heads: int = 4, freq_dim: int = 256, cond: str = "tokens"):
+                 depth: int = 4, heads: int = 4, freq_dim: int = 256, cond: str = "tokens", patch: int = 1,
+                 pixel_unet: int = 0):
         super().__init__()
         self.freq_dim, self.cond = freq_dim, cond
+        self.grid, self.p = grid, patch
+        self.unet = PixelUNet(token_dim // (patch * patch), pixel_unet, patch, width) if pixel_unet else None
         self.tok = nn.Embedding(vocab, width)
         self.tpos = nn.Parameter(torch.randn(max_text, width) * 0.02)
         self.patch = nn.Linear(token_dim, width)
@@ -81,16 +89,23 @@ class RefDiT(nn.Module):
             real = (ids != pad).float()[..., None]                                              # (B, Lt, 1)
             c = c + self.c_mlp((e * real).sum(1) / real.sum(1).clamp(min=1))
         c = F.silu(c)
+        z = self.patch(x) + self.pos                                                             # (B, N, width)
+        if self.unet is not None:
+            zu, skips = self.unet.encode(unpatchify(x, self.grid, self.p))
+            z = z + zu
         if self.cond == "pooled":
             Lt = 0
-            h, keep = self.patch(x) + self.pos, None
+            h, keep = z, None
         else:
-            h = torch.cat([e + self.tpos[:Lt], self.patch(x) + self.pos], dim=1)               # (B, Lt + N, width)
+            h = torch.cat([e + self.tpos[:Lt], z], dim=1)                                       # (B, Lt + N, width)
             keep = torch.cat([text_keep, torch.ones(B, x.shape[1], dtype=torch.bool)], 1)[:, None, None]
         for blk in self.blocks:
             h = blk(h, c, keep)
         sh, sc = self.final_ada(c)[:, None].chunk(2, dim=-1)
-        return self.head(self.norm(h[:, Lt:]) * (1 + sc) + sh)
+        h = self.norm(h[:, Lt:]) * (1 + sc) + sh
+        if self.unet is not None:
+            return self.head(h) + patchify(self.unet.decode(h, skips, self.grid), self.p)
+        return self.head(h)
 
 
 def _attribute_ids(doc) -> list[int]:
@@ -162,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--condition", choices=["caption", "attributes"], default="caption",
                    help="what the model is conditioned on: the caption's tokens, or (a diagnostic) the scene's true "
                         "attributes from the shard metadata, one id per colour, shape, size and cell of each object")
+    p.add_argument("--snapshots", default="", help="comma-separated training minutes at which the EMA weights are "
+                   "also scored (at the last --steps; the training clock stops meanwhile), e.g. 5,10,20")
+    p.add_argument("--pixel-unet", type=int, default=0,
+                   help="base width of a pixel-level U-Net encoder/decoder around the tokens (pixel tokenizers)")
     p.add_argument("--t-shift", type=float, default=1.0,
                    help="SD3 time shift of the training and sampling times (> 1: toward noise; 1: uniform)")
     a = p.parse_args(argv)
@@ -194,15 +213,39 @@ def main(argv: list[str] | None = None) -> int:
     held = load("heldout", a.n, a.heldout_shards or a.shards)
     held_ids = [encode(d) for d in held]  # held-out prompts may be longer than every training caption (e.g. two
     #   objects against single-object training scenes): the text position table covers both
+    if a.pixel_unet and getattr(image_tok, "type", None) != "pixel":
+        raise SystemExit(f"--pixel-unet needs a pixel image tokenizer, {a.image_tokenizer} is {image_tok.type}")
     model = RefDiT(text_tok.vocab_size, max(len(c) for c in caps + held_ids) + 8, C, image_tok.grid, a.width,
-                   a.depth, cond=a.cond)
+                   a.depth, cond=a.cond, patch=getattr(image_tok, "patch_size", 1),
+                   pixel_unet=a.pixel_unet)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.0)
     print(f"reference: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, {len(train)} train docs, "
           f"batch {a.batch}, {a.minutes} min", flush=True)
     rng = random.Random(a.seed)
-    t0, step, seen = time.perf_counter(), 0, 0
-    while time.perf_counter() - t0 < 60 * a.minutes:
+    held_prompts = [d.texts[0] for d in held]
+
+    def draw(m, k: int) -> list:
+        """The held-out prompts drawn by m in k Euler steps -> PIL images."""
+        ims = []
+        for i in range(0, len(held), 50):
+            lat = sample(m, held_ids[i:i + 50], pad, n_tok, C, k, sigma_d,
+                         a.cfg_scale, torch.Generator().manual_seed(a.seed + i), a.t_shift)
+            ims += to_pil(image_tok.decode(lat))
+        return ims
+
+    snap_at = sorted(float(m) for m in a.snapshots.split(",")) if a.snapshots else []
+    snapshots, k_last = {}, int(a.steps.split(",")[-1])
+    t0, step, seen, paused = time.perf_counter(), 0, 0, 0.0
+    while time.perf_counter() - t0 - paused < 60 * a.minutes:
+        if snap_at and time.perf_counter() - t0 - paused >= 60 * snap_at[0]:
+            tp = time.perf_counter()                  # the EMA weights scored now; the training clock stops
+            snap = copy.deepcopy(model)
+            snap.load_state_dict(ema)
+            ims = draw(snap.eval(), k_last)
+            snapshots[snap_at.pop(0)] = {"train_steps": step, "n": len(held), "cfg_scale": a.cfg_scale,
+                                         "t2i": {k_last: score_with_chance(ims, held_prompts, a.seed)}}
+            paused += time.perf_counter() - tp
         idx = [rng.randrange(len(train)) for _ in range(a.batch)]
         prompts = [caps[i] if rng.random() >= 0.1 else [] for i in idx]
         ids, keep = _batch_ids(prompts, pad)
@@ -221,23 +264,19 @@ def main(argv: list[str] | None = None) -> int:
                 ema[k].lerp_(v, 1 - a.ema) if v.is_floating_point() else ema[k].copy_(v)
         step, seen = step + 1, seen + a.batch
         if step % 100 == 0:
-            print(f"step {step} loss {loss.item():.4f} images/s {seen / (time.perf_counter() - t0):.0f}", flush=True)
-    wall = time.perf_counter() - t0
+            print(f"step {step} loss {loss.item():.4f} images/s {seen / (time.perf_counter() - t0 - paused):.0f}", flush=True)
+    wall = time.perf_counter() - t0 - paused
     model.load_state_dict(ema)
     torch.save({"ema": ema, "args": vars(a), "steps": step}, out / "reference.pt")
     model.eval()
-    prompts = [d.texts[0] for d in held]
+    prompts = held_prompts
     res = {"params": sum(p.numel() for p in model.parameters()), "steps": step, "images_seen": seen,
            "seconds": wall, "images_per_s": seen / wall, "n": len(held), "cfg_scale": a.cfg_scale,
            "precision": a.precision, "heldout_shards": str(a.heldout_shards or a.shards), "prompts": prompts,
-           "t2i": {}}
+           "t2i": {}, "snapshots": snapshots}
     grids: dict[int, list] = {}
     for k in (int(s) for s in a.steps.split(",")):
-        ims = []
-        for i in range(0, len(held), 50):
-            lat = sample(model, held_ids[i:i + 50], pad, n_tok, C, k, sigma_d,
-                         a.cfg_scale, torch.Generator().manual_seed(a.seed + i), a.t_shift)
-            ims += to_pil(image_tok.decode(lat))
+        ims = draw(model, k)
         res["t2i"][k] = score_with_chance(ims, prompts, a.seed)
         grids[k] = ims
     cols = grid_columns(prompts, N_GRID_COLS)
@@ -245,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
                   [f"{k} steps" for k in grids]).save(out / "reference_grid.png")
     (out / "reference.json").write_text(json.dumps(res, indent=2))
     print(f"reference: {step} steps, {res['images_per_s']:.0f} images/s")
+    for m, snap in snapshots.items():
+        print(f"snapshot at {m:g} training minutes ({snap['train_steps']} steps):")
+        print(t2i_table(snap, "Euler"))
     print(t2i_table(res, "Euler"))
     return 0
 

@@ -82,12 +82,15 @@ def test_reference_end_to_end(tmp_path, capsys):
     assert r["precision"] == "fp32"
     # the diagnostic variants: caption pooled into adaLN, the true attributes as the condition, shifted times, bf16
     for extra in (["--cond", "pooled"], ["--cond", "both", "--condition", "attributes", "--t-shift", "3"],
-                  ["--precision", "bf16"]):
+                  ["--precision", "bf16"], ["--pixel-unet", "4", "--snapshots", "0,0.001"]):
         assert main(["--shards", str(shards), "--text-tokenizer", str(tmp_path / "text"), "--image-tokenizer",
                      str(tmp_path / "pix"), "--out", str(out / extra[1]), "--minutes", "0.01", "--batch", "4",
                      "--width", "32", "--depth", "1", "--threads", "1", "--steps", "1", "--n", "3", *extra]) == 0
         r = json.loads((out / extra[1] / "reference.json").read_text())
         assert r["t2i"]["1"]["n"] == 3 and r["precision"] == ("bf16" if "bf16" in extra else "fp32")
+        assert list(r["snapshots"]) == (["0.0", "0.001"] if "--snapshots" in extra else [])
+        if "--snapshots" in extra:   # scored before any step: the clock stops while the EMA weights draw
+            assert r["snapshots"]["0.0"]["train_steps"] == 0 and r["snapshots"]["0.0"]["t2i"]["1"]["n"] == 3
     # prompts from the held-out split of another shard set (trained on the first): its 5 scenes, not the first's 6
     other = tmp_path / "other"
     assert shapes_main(["--out", str(other), "--n", "10", "--heldout-n", "5", "--seed", "1"]) == 0
