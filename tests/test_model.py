@@ -143,6 +143,24 @@ def test_hf_vocab_override_grows_embedding(tmp_path):
     torch.testing.assert_close(m.embed_tokens.weight[:100], tied.model.embed_tokens.weight, rtol=0, atol=0)
 
 
+def test_build_model_from_hf_keeps_the_configs_image_path(tmp_path):
+    """model.hf_init sets the text path's shape; every other model field (latent_conv, block_conv, pixel_unet, 2D
+    positions) is the config's, and a pixel tokenizer's patch reaches the U-Net."""
+    from types import SimpleNamespace
+
+    from nextx.config import Config
+    from nextx.pretrained import build_model
+
+    _hf_dir(tmp_path)
+    cfg = Config()
+    cfg.model = ModelConfig(hf_init=str(tmp_path), latent_conv=3, block_conv=3, pixel_unet=4, pos2d="rope+sincos",
+                            sincos_scale=1.0)
+    m = build_model(cfg, SimpleNamespace(vocab_size=90), SimpleNamespace(type="pixel", patch_size=2, token_dim=12))
+    assert (m.cfg.d_model, m.cfg.latent_conv, m.cfg.block_conv, m.cfg.pos2d, m.cfg.sincos_scale) == \
+        (64, 3, 3, "rope+sincos", 1.0)
+    assert m.latent_patch == 2 and len(m.unet.down) == 1 and m.unet.out.out_channels == 3
+
+
 def test_hf_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         load_hf_llama(tmp_path)
