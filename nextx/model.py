@@ -249,7 +249,7 @@ class PixelUNet(nn.Module):
         return self.to_tok(h.flatten(2).transpose(1, 2)), skips
 
     def decode(self, tok: torch.Tensor, skips: list[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
-        h = self.from_tok(tok).transpose(1, 2).reshape(tok.shape[0], -1, *grid)
+        h = self.from_tok(tok).transpose(1, 2).reshape(tok.shape[0], self.from_tok.out_features, *grid)
         for i in reversed(range(len(self.dec))):
             h = self.dec[i](h + skips[i])
             if i:
@@ -558,9 +558,8 @@ class NextX(nn.Module):
         B, L, C = lat.shape
         flat, zf, p = lat.reshape(B * L, C), z.reshape(B * L, -1), self.latent_patch
         if self.uniform_graph and not splits:        # in the graph on a rank without images (ZeRO-3 gathers)
-            tok, sk = self.unet.encode(flat.new_zeros(0, C // (p * p), p, p))
-            y = self.unet.decode(tok, sk, (1, 1))
-            return z + (tok.sum() + y.sum()).to(z.dtype) * 0.0, []
+            tok, _ = self.unet.encode(flat.new_zeros(0, C // (p * p), p, p))
+            return z + tok.sum().to(z.dtype) * 0.0, []
         skips = []
         for idx, h, w in splits:
             tok, sk = self.unet.encode(unpatchify(flat[idx], (h, w), p))            # (n, h w, D), skips
@@ -571,12 +570,17 @@ class NextX(nn.Module):
     def _unet_decode(self, h, kind, splits, skips, out):
         """out (B, L, C) + the U-Net's pixels, decoded from h (B, L, D) on every NOISE split -> (B, L, C)."""
         B, L, C = out.shape
-        hf, of, flat_kind = h.reshape(B * L, -1), out.reshape(B * L, C), kind.reshape(-1)
-        for (idx, hh, ww), sk in zip(splits, skips):
+        hf, of, flat_kind, p = h.reshape(B * L, -1), out.reshape(B * L, C), kind.reshape(-1), self.latent_patch
+        decoded = False
+        for (idx, hh, ww), sk in zip(splits or [], skips):
             m = flat_kind[idx[:, 0]] == NOISE                                         # (n,) noise splits
             if bool(m.any()):
                 px = self.unet.decode(hf[idx[m]], [s[m] for s in sk], (hh, ww))       # (n', c, hh p, ww p)
-                of = of.index_add(0, idx[m].reshape(-1), patchify(px, self.latent_patch).reshape(-1, C).to(of.dtype))
+                of = of.index_add(0, idx[m].reshape(-1), patchify(px, p).reshape(-1, C).to(of.dtype))
+                decoded = True
+        if self.uniform_graph and not decoded:       # in the graph on a rank without noise splits
+            tok, sk = self.unet.encode(hf.new_zeros(0, C // (p * p), p, p))
+            of = of + self.unet.decode(tok, sk, (1, 1)).sum().to(of.dtype) * 0.0
         return of.view(B, L, C)
 
     def _time(self, t, s, ctx=None):
@@ -672,7 +676,7 @@ class NextX(nn.Module):
             noise_splits = [(idx[flat_kind[idx[:, 0]] == NOISE], hh, ww) for idx, hh, ww in splits]
             lat_out = grid_conv(self.latent_head, h.reshape(B * L, -1),
                                 [s for s in noise_splits if len(s[0])], B * L, self.uniform_graph).view(B, L, -1)
-        if skips:
+        if self.unet is not None:
             lat_out = self._unet_decode(h, kind, splits, skips, lat_out)
         return ModelOutput(text_logits=logits, latent_out=lat_out, past=new_past if use_cache else None)
 

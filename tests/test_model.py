@@ -707,7 +707,7 @@ def test_xformers_backend_fails_clearly():
         NextX(tiny_cfg(attention="xformers"), vocab_size=V, latent_dim=C)
 
 
-@pytest.mark.parametrize("kw", [{}, {"latent_conv": 3, "block_conv": 3}, {"text_cond": "pooled"}])
+@pytest.mark.parametrize("kw", [{}, {"latent_conv": 3, "block_conv": 3}, {"text_cond": "pooled"}, {"pixel_unet": 4}])
 def test_uniform_graph_reaches_every_parameter_without_images(kw):
     """With several ranks every module must run on every micro-batch (engine._DSNet): with uniform_graph a text-only
     batch gives every parameter a gradient (zeros for the image path), and the outputs do not change."""
@@ -731,4 +731,26 @@ def test_uniform_graph_reaches_every_parameter_without_images(kw):
     assert all(float(g1[n].abs().max()) == 0.0 for n in image_only)             # with zero gradients
     assert torch.equal(plain.text_logits, uni.text_logits) and torch.equal(plain.latent_out, uni.latent_out)
     assert all(blk.uniform for blk in m.layers)
+    m.uniform_graph = False
+
+
+def test_uniform_graph_runs_the_pixel_unet_decoder_without_noise_splits():
+    """An image -> caption batch has clean splits only: with uniform_graph the U-Net's decoder still runs (on
+    nothing), so every parameter gets a gradient; the outputs do not change."""
+    torch.manual_seed(0)
+    m = perturb_zero_init(NextX(tiny_cfg(pixel_unet=4), vocab_size=V, latent_dim=C))
+    b = collate([pack_row([layout_document([image(2, 2, generate=False), [5, 6, 7]], SP)], 16, SP.pad)])
+    assert bool((b.kind == CLEAN).any()) and not bool((b.kind == NOISE).any())
+    mask = dense_mask(b.doc, b.kind, b.split)
+    outs = []
+    for uniform in (False, True):
+        m.uniform_graph = uniform
+        m.zero_grad(set_to_none=True)
+        out = run(m, b, mask)
+        (out.text_logits.sum() + out.latent_out.sum()).backward()
+        outs.append(out)
+        got = {n for n, p in m.named_parameters() if p.grad is not None}
+        assert any(n.startswith("unet.dec") for n in got) == uniform
+    assert all(p.grad is not None for p in m.parameters())
+    assert torch.equal(outs[0].text_logits, outs[1].text_logits)
     m.uniform_graph = False
