@@ -234,7 +234,13 @@ def main(argv: list[str] | None = None) -> int:
             ims += to_pil(image_tok.decode(lat))
         return ims
 
-    snap_at = sorted(float(m) for m in a.snapshots.split(",")) if a.snapshots else []
+    try:
+        snap_at = sorted(float(m) for m in a.snapshots.split(",")) if a.snapshots else []
+    except ValueError:
+        raise SystemExit(f"--snapshots must be comma-separated minutes, e.g. 5,10, got {a.snapshots!r}") from None
+    if any(m < 0 or m >= a.minutes for m in snap_at):
+        raise SystemExit(f"--snapshots {a.snapshots}: every snapshot must lie in [0, --minutes {a.minutes:g}) "
+                         "(the end of training is scored anyway)")
     snapshots, k_last = {}, int(a.steps.split(",")[-1])
     t0, step, seen, paused = time.perf_counter(), 0, 0, 0.0
     while time.perf_counter() - t0 - paused < 60 * a.minutes:
@@ -247,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "t2i": {k_last: score_with_chance(ims, held_prompts, a.seed)}}
             paused += time.perf_counter() - tp
         idx = [rng.randrange(len(train)) for _ in range(a.batch)]
-        prompts = [caps[i] if rng.random() >= 0.1 else [] for i in idx]
-        ids, keep = _batch_ids(prompts, pad)
+        batch_caps = [caps[i] if rng.random() >= 0.1 else [] for i in idx]      # CFG dropout 0.1
+        ids, keep = _batch_ids(batch_caps, pad)
         x = x_all[idx]
         t = shift_time(torch.rand(a.batch), a.t_shift)
         eps = torch.randn_like(x) * sigma_d
@@ -264,23 +270,23 @@ def main(argv: list[str] | None = None) -> int:
                 ema[k].lerp_(v, 1 - a.ema) if v.is_floating_point() else ema[k].copy_(v)
         step, seen = step + 1, seen + a.batch
         if step % 100 == 0:
-            print(f"step {step} loss {loss.item():.4f} images/s {seen / (time.perf_counter() - t0 - paused):.0f}", flush=True)
+            rate = seen / (time.perf_counter() - t0 - paused)
+            print(f"step {step} loss {loss.item():.4f} images/s {rate:.0f}", flush=True)
     wall = time.perf_counter() - t0 - paused
     model.load_state_dict(ema)
     torch.save({"ema": ema, "args": vars(a), "steps": step}, out / "reference.pt")
     model.eval()
-    prompts = held_prompts
     res = {"params": sum(p.numel() for p in model.parameters()), "steps": step, "images_seen": seen,
            "seconds": wall, "images_per_s": seen / wall, "n": len(held), "cfg_scale": a.cfg_scale,
-           "precision": a.precision, "heldout_shards": str(a.heldout_shards or a.shards), "prompts": prompts,
+           "precision": a.precision, "heldout_shards": str(a.heldout_shards or a.shards), "prompts": held_prompts,
            "t2i": {}, "snapshots": snapshots}
     grids: dict[int, list] = {}
     for k in (int(s) for s in a.steps.split(",")):
         ims = draw(model, k)
-        res["t2i"][k] = score_with_chance(ims, prompts, a.seed)
+        res["t2i"][k] = score_with_chance(ims, held_prompts, a.seed)
         grids[k] = ims
-    cols = grid_columns(prompts, N_GRID_COLS)
-    labelled_grid([[grids[k][i] for i in cols] for k in grids], [prompts[i] for i in cols],
+    cols = grid_columns(held_prompts, N_GRID_COLS)
+    labelled_grid([[grids[k][i] for i in cols] for k in grids], [held_prompts[i] for i in cols],
                   [f"{k} steps" for k in grids]).save(out / "reference_grid.png")
     (out / "reference.json").write_text(json.dumps(res, indent=2))
     print(f"reference: {step} steps, {res['images_per_s']:.0f} images/s")

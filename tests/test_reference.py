@@ -91,6 +91,10 @@ def test_reference_end_to_end(tmp_path, capsys):
         assert list(r["snapshots"]) == (["0.0", "0.001"] if "--snapshots" in extra else [])
         if "--snapshots" in extra:   # scored before any step: the clock stops while the EMA weights draw
             assert r["snapshots"]["0.0"]["train_steps"] == 0 and r["snapshots"]["0.0"]["t2i"]["1"]["n"] == 3
+    for bad, msg in (("5", "must lie in"), ("a,b", "comma-separated")):    # a snapshot that could never be taken
+        with pytest.raises(SystemExit, match=msg):
+            main(["--shards", str(shards), "--text-tokenizer", str(tmp_path / "text"), "--image-tokenizer",
+                  str(tmp_path / "pix"), "--out", str(out / "bad"), "--minutes", "0.01", "--snapshots", bad])
     # prompts from the held-out split of another shard set (trained on the first): its 5 scenes, not the first's 6
     other = tmp_path / "other"
     assert shapes_main(["--out", str(other), "--n", "10", "--heldout-n", "5", "--seed", "1"]) == 0
