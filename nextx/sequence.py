@@ -115,6 +115,9 @@ def layout_document(segments: Sequence, special: SpecialIds, *, drop_trailing_cl
     images: list[ImageTokens] = []
     p = 0
     n_split = 0
+    n_images = sum(isinstance(seg, ImageTokens) for seg in segments)
+    if image_gaps is not None and len(image_gaps) != n_images:
+        raise ValueError(f"image_gaps has {len(image_gaps)} entries for {n_images} images")
 
     def text(tokens: Iterable[int]):
         nonlocal p

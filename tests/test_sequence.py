@@ -194,3 +194,5 @@ def test_image_gaps_move_the_image_and_what_follows_only():
     assert no_gap.pos.tolist() == layout_document([[T0], img()], SP).pos.tolist()
     with pytest.raises(ValueError, match="image_gaps"):
         layout_document([[T0], img()], SP, image_gaps=[-1])
+    with pytest.raises(ValueError, match="2 entries for 1 images"):
+        layout_document([[T0], img()], SP, image_gaps=[0, 1])
