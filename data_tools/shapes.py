@@ -10,7 +10,9 @@ World. A scene holds 1-3 objects, each (shape, colour, size, cell), on a grey ba
   (4 px) and 100 % from 0.16 (5 px), over about 580 small objects each. 0.20 (6.4 px; the ring's hole is 3 px)
   is chosen so a person, or a small model, can still tell the 8 shapes apart at 32 px.
 - Positions: a 3x3 grid of cells. Each object's area centroid lies at least CELL_MARGIN inside its own cell, and
-  no two objects share a cell. The caption's position fact is the cell that holds the centroid.
+  no two objects share a cell. The caption's position fact is the cell that holds the centroid. Training scenes
+  may narrow that range (`position_jitter`, 0: the cell's centre): a caption then fixes where the object is, so
+  a small model sees each shape at one place per cell rather than smeared over 6 px (README "Drawing the scene").
 - No overlaps: boxes are kept GAP apart by rejection sampling. Objects of one colour never touch, so connected
   components separate them.
 - Background: a neutral grey with grey value in [120, 136] (L* about 54). Half the scenes also get a faint wave
@@ -236,8 +238,12 @@ def cell_tokens(cell: str, grid: tuple[int, int]) -> np.ndarray:
     return (rows[:, None] == r) & (cols[None, :] == c)
 
 
-def _place(rng: np.random.Generator, shape: str, size: str, cell: str) -> tuple[float, tuple[float, float]] | None:
-    """Draw extent and centroid so the centroid sits CELL_MARGIN inside `cell`, the box inside the canvas."""
+def _place(rng: np.random.Generator, shape: str, size: str, cell: str,
+           jitter: float = 1.0) -> tuple[float, tuple[float, float]] | None:
+    """Draw extent and centroid so the centroid sits CELL_MARGIN inside `cell`, the box inside the canvas.
+
+    jitter in [0, 1]: the share of that allowed range the centroid is drawn from, around its middle (1: all of it;
+    0: the middle, the cell's centre away from the canvas border). The same random draws either way."""
     extent = SIZES[size] * rng.uniform(0.95, 1.05)
     _, off, wh = GEOMETRY[shape]
     i = CELLS.index(cell)
@@ -247,7 +253,8 @@ def _place(rng: np.random.Generator, shape: str, size: str, cell: str) -> tuple[
         hi = min((k + 1) / 3 - CELL_MARGIN, 1 - EDGE_MARGIN - (wh[axis] / 2 - off[axis]) * extent)
         if lo > hi:
             return None
-        xy.append(float(rng.uniform(lo, hi)))
+        v = float(rng.uniform(lo, hi))
+        xy.append(v if jitter == 1.0 else (lo + hi) / 2 + jitter * (v - (lo + hi) / 2))
     return extent, (xy[0], xy[1])
 
 
@@ -273,8 +280,10 @@ def _attributes(rng: np.random.Generator, n: int, banned: set[tuple[str, str]],
 
 def sample_scene(rng: np.random.Generator, *, n_objects: int | None = None,
                  banned: Sequence[tuple[str, str]] = (), forced: tuple[str, str] | None = None,
-                 forced_shape: str | None = None) -> Scene:
+                 forced_shape: str | None = None, position_jitter: float = 1.0) -> Scene:
     """A random scene. The (colour, shape) pairs are distinct, no pair is in `banned`, and object 0 is `forced`.
+    position_jitter: the share of each cell's allowed centroid range used (`_place`); below 1, scenes whose
+    objects would come closer than GAP are redrawn, so neighbouring large objects grow rarer.
 
     n_objects: 1-3, uniform when None. Rejection sampling: up to 50 position draws per attribute draw, then new
     attributes (measured: 3-object scenes take about 15 position draws on average).
@@ -289,7 +298,7 @@ def sample_scene(rng: np.random.Generator, *, n_objects: int | None = None,
         for _ in range(50):
             objs = []
             for (colour, shape), size, cell, rgb in zip(pairs, sizes, cells, rgbs):
-                placed = _place(rng, shape, size, cell)
+                placed = _place(rng, shape, size, cell, position_jitter)
                 if placed is None:
                     break
                 objs.append(Obj(shape, colour, size, cell, rgb, placed[0], placed[1]))
@@ -505,12 +514,15 @@ def scene_facts(objects: Sequence[Mapping]) -> set[tuple]:
 
 
 def make_document(index: int, seed: int, size: int, split: str = "train",
-                  object_weights: Sequence[float] | None = None, position_rate: float | None = None) -> Document:
+                  object_weights: Sequence[float] | None = None, position_rate: float | None = None,
+                  position_jitter: float = 1.0) -> Document:
     """Scene `index` of (seed, split), drawn from its own generator, so any subset renders the same.
 
     object_weights: relative weights of 1-, 2- and 3-object scenes in the train split (None: uniform, drawn as
-    before). position_rate: the probability that a train caption states an object's cell (None: P_POS). The
-    held-out split ignores both, so a model trained on any mix is scored on the same prompts."""
+    before). position_rate: the probability that a train caption states an object's cell (None: P_POS).
+    position_jitter: the share of its cell's range a train object's centroid is drawn from (1: all; 0: the cell's
+    centre, so a caption's words fix the object's place). The held-out split ignores all three, so a model
+    trained on any mix is scored on the same prompts."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
     kind, forced_rel = None, None
     if split == "heldout" and index % 2 == 0:
@@ -529,7 +541,7 @@ def make_document(index: int, seed: int, size: int, split: str = "train",
         if object_weights is not None:
             w = np.asarray(object_weights, dtype=np.float64)
             n_obj = int(rng.choice(3, p=w / w.sum())) + 1
-        scene = sample_scene(rng, n_objects=n_obj, banned=HELDOUT_PAIRS)
+        scene = sample_scene(rng, n_objects=n_obj, banned=HELDOUT_PAIRS, position_jitter=position_jitter)
     p_pos = position_rate if split == "train" and position_rate is not None else P_POS
     caption, refs = sample_caption(rng, scene, banned_relations=HELDOUT_RELATIONS if split == "train" else (),
                                    forced_relation=forced_rel, p_pos=p_pos)
@@ -541,7 +553,7 @@ def make_document(index: int, seed: int, size: int, split: str = "train",
 
 def make_documents(n: int, seed: int = 0, size: int = 32, split: str = "train",
                    object_weights: Sequence[float] | None = None,
-                   position_rate: float | None = None) -> Iterator[Document]:
+                   position_rate: float | None = None, position_jitter: float = 1.0) -> Iterator[Document]:
     """n documents [Text(caption), Image(pixels)]; meta carries the ground truth (objects, refs, background)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
@@ -553,8 +565,10 @@ def make_documents(n: int, seed: int = 0, size: int = 32, split: str = "train",
                          f"got {list(object_weights)}")
     if position_rate is not None and not 0.0 <= position_rate <= 1.0:
         raise ValueError(f"position_rate must be in [0, 1], got {position_rate}")
+    if not 0.0 <= position_jitter <= 1.0:
+        raise ValueError(f"position_jitter must be in [0, 1], got {position_jitter}")
     for i in range(n):
-        yield make_document(i, seed, size, split, object_weights, position_rate)
+        yield make_document(i, seed, size, split, object_weights, position_rate, position_jitter)
 
 
 def parse_weights(text: str) -> tuple[float, float, float]:
@@ -569,11 +583,12 @@ def parse_weights(text: str) -> tuple[float, float, float]:
 
 
 def generator_info(size: int, seed: int, object_weights: Sequence[float] | None = None,
-                   position_rate: float | None = None) -> dict:
+                   position_rate: float | None = None, position_jitter: float = 1.0) -> dict:
     """Settings stored in info.json beside the shards."""
     return {"generator": "data_tools.shapes", "image_size": size, "seed": seed,
             "object_weights": list(object_weights) if object_weights is not None else None,
-            "position_rate": P_POS if position_rate is None else position_rate, "shapes": list(SHAPES),
+            "position_rate": P_POS if position_rate is None else position_rate,
+            "position_jitter": position_jitter, "shapes": list(SHAPES),
             "palette": {k: list(v) for k, v in PALETTE.items()}, "sizes": SIZES, "cells": list(CELLS),
             "relations": list(RELATIONS), "heldout_pairs": [list(p) for p in HELDOUT_PAIRS],
             "heldout_relations": [list(p) for p in HELDOUT_RELATIONS], "rel_margin": REL_MARGIN,
@@ -631,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--position-rate", type=float, default=None, metavar="P",
                    help=f"probability that a train caption states an object's cell (default {P_POS}); the "
                         "held-out split keeps the default, so its prompts do not change")
+    p.add_argument("--position-jitter", type=float, default=1.0, metavar="J",
+                   help="share of its cell's allowed range a train object's centroid is drawn from (default 1: "
+                        "all of it; 0: the cell's centre); the held-out split keeps 1")
     a = p.parse_args(argv)
     from nextx.errors import refuse_existing
 
@@ -642,10 +660,12 @@ def main(argv: list[str] | None = None) -> int:
     heldout_n = a.n // 10 if a.heldout_n is None else a.heldout_n
     if a.position_rate is not None and not 0.0 <= a.position_rate <= 1.0:
         p.error(f"--position-rate must be in [0, 1], got {a.position_rate}")
-    info = generator_info(a.size, a.seed, weights, a.position_rate)
+    if not 0.0 <= a.position_jitter <= 1.0:
+        p.error(f"--position-jitter must be in [0, 1], got {a.position_jitter}")
+    info = generator_info(a.size, a.seed, weights, a.position_rate, a.position_jitter)
     for split, n in (("train", a.n), ("heldout", heldout_n)):
         counts: Counter = Counter()
-        docs = make_documents(n, a.seed, a.size, split, weights, a.position_rate)
+        docs = make_documents(n, a.seed, a.size, split, weights, a.position_rate, a.position_jitter)
         summary = write_shards(_tally(docs, counts), a.out, split=split,
                                max_per_shard=a.max_per_shard, total=n, info=info)
         print(f"{split}: {summary['n_docs']} docs in {summary['n_shards']} shard(s); "

@@ -43,6 +43,32 @@ def test_position_rate_changes_train_captions_only():
         next(make_documents(1, position_rate=1.5))
 
 
+def test_position_jitter_centres_train_objects_only():
+    """--position-jitter 0: every train object's centroid lies in the middle of its cell's allowed range (the cell
+    centre for the middle cell), so all train scenes of one cell and shape put it at one place; 1 is the default's
+    exact scenes; the held-out split is the same whatever the jitter; out of [0, 1] is refused."""
+    def centres(j, split="train"):
+        return [(o["cell"], o["centroid"]) for d in make_documents(200, seed=6, size=32, split=split,
+                                                                     object_weights=(1, 0, 0), position_jitter=j)
+                for o in d.meta["objects"]]
+    still = centres(0.0)
+    by_cell: dict = {}
+    for cell, c in still:
+        by_cell.setdefault(cell, []).append(c)
+    assert len(by_cell) == 9
+    for cell, cs in by_cell.items():     # at the border the box's extent and offset move the middle of the range
+        spread = np.ptp(np.asarray(cs), axis=0)
+        assert spread.max() < 0.07, (cell, spread)
+    assert np.allclose(by_cell["center"], 0.5)                                     # the centre: exactly
+    moving = centres(1.0)
+    assert moving == [(o["cell"], o["centroid"]) for d in make_documents(200, seed=6, size=32, object_weights=(1, 0, 0))
+                      for o in d.meta["objects"]]                                       # the default, exactly
+    assert np.ptp(np.asarray([c for cell, c in moving if cell == "center"]), axis=0).min() > 0.1
+    assert centres(0.0, "heldout") == centres(1.0, "heldout")
+    with pytest.raises(ValueError, match="position_jitter"):
+        next(make_documents(1, position_jitter=1.5))
+
+
 def test_scores_per_object_count_on_ground_truth():
     docs = list(make_documents(40, seed=5, size=32, split="heldout"))
     ims, caps = [d.images[0].pixels for d in docs], [d.texts[0] for d in docs]
