@@ -2,7 +2,8 @@
 
 Stages (outputs under --data, default data/, and --run-dir, default runs/):
   1. shapes shards      nextx data shapes --out data/shapes32 --n 8000 --object-weights 1,0,0 --position-rate 1
-                        (single-object training scenes whose captions all say where; held-out prompts unchanged)
+                        --position-jitter 0 (single-object training scenes whose captions all say where, each
+                        object at its cell's centre; held-out prompts unchanged)
   2. text tokenizer     nextx tokenizer text --shards data/shapes32 --text-file data/shapes32/language.txt
                         --out data/tok/text (language.txt spells every word, so two-object prompts hold no <unk>)
   3. image tokenizer    nextx tokenizer pixel --shards data/shapes32 --out data/tok/pixel32 (4x4 patches, 8x8 grid)
@@ -65,31 +66,32 @@ def _built(title: str, out: Path, force: bool, target: str, argv: list[str]) -> 
     tmp.rename(out)
 
 
-POSITION_RATE = 1.0  # every training caption states where its objects are (README "Drawing the scene")
+POSITION_RATE = 1.0  # every training caption states where its objects are (docs/drawing.md)
+POSITION_JITTER = 0.0  # each training object at its cell's centre: the words fix the place, so shape can be learned
 CFG_SCALE = 2.0      # guidance of the evaluation: on 1000 held-out prompts of another seed, single-object colour /
-                     # position / exactly one .80/.88/.43 at 1, .87/.94/.44 at 2, .89/.97/.39 at 3 (README)
+                     # position / exactly one .80/.88/.43 at 1, .87/.94/.44 at 2, .89/.97/.39 at 3 (docs/drawing.md)
 COMPLETE = 8         # the model first finishes each prompt in up to 8 tokens ("a green star" + "in the top middle"),
                      # then draws: a prompt that leaves the place open gets one chosen in words. With COMPOSE, a
                      # prompt of several objects is drawn as its noun phrases, one image guided by each. On 1000
                      # held-out prompts of another seed, 4 runs: single-object exactly one .84-.89 against .64-.70,
                      # two-object count .40-.47 / position .70-.79 against .22-.33 / .27-.32 from the prompt alone
-                     # (README "Drawing the scene")
+                     # (docs/drawing.md)
 COMPOSE = True
 REGIONS = True       # each part of a composed prompt alone guides the cell its words name, all parts the rest
                      # (regional composition); and a prompt's words are written again, up to TRIES samples, while
                      # they do not fit it (a part without a cell, two parts in one cell, cells against the prompt's
                      # relation). The demo run, 1000 held-out prompts of another seed, 4 steps: two-object count .65
                      # against .47, relation .75 (chance .51) against .43, single-object exactly one .79 against
-                     # .75 (README "Drawing the scene")
+                     # .75 (docs/drawing.md)
 TRIES = 8
 BEST_OF = 4          # each image drawn 4 times, the one the model itself finds likeliest to be captioned by its
                      # finished prompt kept (`generate.caption_logprob`). The demo run, the same 1000 prompts, 4 steps:
                      # two-object count .77 against .74, relation .86 against .81, three-object count .57 against
                      # .50, single-object exactly one .89 against .87, position .98 against .94; ~2x the
-                     # evaluation's time (README "Drawing the scene")
+                     # evaluation's time (docs/drawing.md)
 
 
-def _stale_shards(shards: Path, n: int, weights: str, position_rate: float) -> str:
+def _stale_shards(shards: Path, n: int, weights: str, position_rate: float, position_jitter: float = 1.0) -> str:
     """'' when `shards` is absent or was generated with these settings, else what differs (e.g. an older demo's
     data: the stage is then rebuilt rather than silently reused)."""
     import json
@@ -104,9 +106,11 @@ def _stale_shards(shards: Path, n: int, weights: str, position_rate: float) -> s
     if not (shards / LANGUAGE_FILE).exists():   # before it, the text tokenizer never saw the relation words
         return f"no {LANGUAGE_FILE} (an older generator)"
     got = json.loads(info.read_text())
-    want = {"train docs": n, "object_weights": list(parse_weights(weights)), "position_rate": position_rate}
+    want = {"train docs": n, "object_weights": list(parse_weights(weights)), "position_rate": position_rate,
+            "position_jitter": position_jitter}
     have = {"train docs": got.get("splits", {}).get("train", {}).get("n_docs"),
-            "object_weights": got.get("object_weights"), "position_rate": got.get("position_rate", P_POS)}
+            "object_weights": got.get("object_weights"), "position_rate": got.get("position_rate", P_POS),
+            "position_jitter": got.get("position_jitter", 1.0)}
     return ", ".join(f"{k} {have[k]} instead of {v}" for k, v in want.items() if have[k] != v)
 
 
@@ -137,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                    "1,0,0: single-object scenes, which this budget can learn to place; README)")
     p.add_argument("--position-rate", type=float, default=POSITION_RATE, help="probability that a training caption "
                    f"states an object's cell (default {POSITION_RATE}; the held-out prompts keep the language's 0.5)")
+    p.add_argument("--position-jitter", type=float, default=POSITION_JITTER, help="share of its cell a training "
+                   f"object's centre may move over (default {POSITION_JITTER:g}: at the cell's centre; 1: anywhere in "
+                   "the cell, as the held-out scenes)")
     p.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="the training recipe")
     p.add_argument("--cfg-scale", type=float, default=CFG_SCALE, help=f"guidance of the evaluation (default "
-                   f"{CFG_SCALE:g}: chosen on held-out prompts of another seed, README \"Drawing the scene\")")
+                   f"{CFG_SCALE:g}: chosen on held-out prompts of another seed, docs/drawing.md)")
     p.add_argument("--complete", type=int, default=COMPLETE, help="text tokens the model may add to each prompt "
                    f"before it draws, in the evaluation (default {COMPLETE}; 0: draw from the prompt alone)")
     p.add_argument("--no-compose", dest="compose", action="store_false", help="evaluate prompts of several "
@@ -156,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rebuild every stage's output and train from scratch")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the training recipe")
     a = p.parse_args(argv)
+    if not 0.0 <= a.position_jitter <= 1.0:
+        p.error(f"--position-jitter must be in [0, 1], got {a.position_jitter}")
     if a.minutes <= 0 or a.n <= 0 or a.eval_n <= 0 or a.cfg_scale < 0 or a.complete < 0 or a.best_of < 1:
         p.error("--minutes, --n, --eval-n and --best-of must be > 0, --cfg-scale >= 0 and --complete >= 0")
     from data_tools.shapes import LANGUAGE_FILE
@@ -163,13 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     d = Path(a.data)
     t0 = time.perf_counter()
     shards, text, pixel = d / "shapes32", d / "tok" / "text", d / "tok" / "pixel32"
-    stale = _stale_shards(shards, a.n, a.object_weights, a.position_rate)
+    stale = _stale_shards(shards, a.n, a.object_weights, a.position_rate, a.position_jitter)
     if stale and not a.force:
         print(f"\n{shards} was generated with other settings ({stale}): rebuilding the data stages", flush=True)
     rebuild = a.force or bool(stale)
     _built("1. shapes shards (32 px)", shards, rebuild, "data shapes",
            ["--out", "{out}", "--n", str(a.n), "--heldout-n", str(max(a.eval_n, 200)), "--size", "32",
-            "--seed", "0", "--object-weights", a.object_weights, "--position-rate", str(a.position_rate)])
+            "--seed", "0", "--object-weights", a.object_weights, "--position-rate", str(a.position_rate),
+            "--position-jitter", str(a.position_jitter)])
     _built("2. text tokenizer (SentencePiece BPE)", text, rebuild, "tokenizer text",
            ["--shards", str(shards), "--text-file", str(shards / LANGUAGE_FILE), "--out", "{out}", "--vocab-size",
             "256"])

@@ -20,6 +20,11 @@ def test_stale_shards_names_what_differs(tmp_path):
     assert shapes_main(["--out", str(old), "--n", "20", "--heldout-n", "4", "--object-weights", "2,1,1"]) == 0
     assert _stale_shards(old, 20, "2,1,1", 0.5) == ""
     assert "position_rate 0.5 instead of 1.0" in _stale_shards(old, 20, "2,1,1", 1.0)
+    assert _stale_shards(out, 20, "2,1,1", 1.0, 0.0) == "position_jitter 1.0 instead of 0.0"
+    still = tmp_path / "still"
+    assert shapes_main(["--out", str(still), "--n", "20", "--heldout-n", "4", "--object-weights", "2,1,1",
+                        "--position-rate", "1", "--position-jitter", "0"]) == 0
+    assert _stale_shards(still, 20, "2,1,1", 1.0, 0.0) == ""
     (old / "language.txt").unlink()                                            # written before language.txt
     assert _stale_shards(old, 20, "2,1,1", 0.5) == "no language.txt (an older generator)"
 
