@@ -12,7 +12,7 @@ World. A scene holds 1-3 objects, each (shape, colour, size, cell), on a grey ba
 - Positions: a 3x3 grid of cells. Each object's area centroid lies at least CELL_MARGIN inside its own cell, and
   no two objects share a cell. The caption's position fact is the cell that holds the centroid. Training scenes
   may narrow that range (`position_jitter`, 0: the cell's centre): a caption then fixes where the object is, so
-  a small model sees each shape at one place per cell rather than smeared over 6 px (README "Drawing the scene").
+  a small model sees each shape at one place per cell rather than smeared over 6 px (docs/drawing.md).
 - No overlaps: boxes are kept GAP apart by rejection sampling. Objects of one colour never touch, so connected
   components separate them.
 - Background: a neutral grey with grey value in [120, 136] (L* about 54). Half the scenes also get a faint wave

@@ -7,7 +7,7 @@ attention of the noise queries over the image's own noise keys and report, avera
   distance  the expected Manhattan distance in grid cells from the query to the key it reads (uniform: the mean
             distance over all pairs)
 A layer whose entropy and distance are at their uniform values gives every token only the image's mean: each
-patch then decides alone (README "Drawing the scene"). --reference reads a `nextx eval reference` checkpoint instead.
+patch then decides alone (docs/drawing.md). --reference reads a `nextx eval reference` checkpoint instead.
 """
 
 from __future__ import annotations

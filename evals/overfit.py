@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="lambda_image (default: 200 for imm, 4 for flow; see README 'Loss balance')")
     p.add_argument("--k-ramp", type=float, default=2 / 3,
                    help="imm: k rises from 0 to objective.k over this fraction of the steps (0 = fixed k; README "
-                        "'IMM induction depth')")
+                        "\"Learning proofs\": IMM's induction depth)")
     p.add_argument("overrides", nargs="*", help="extra config overrides key=value")
     a = p.parse_args(argv)
     if not 0.0 <= a.k_ramp <= 1.0:

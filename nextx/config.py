@@ -110,7 +110,7 @@ class DataConfig:
     drop_trailing_clean: bool = True  # no clean split for a generated image that ends its document
     noise_copies: int = 1         # noise splits per generated image (objective.grouping=copies: the M particles)
     image_pos_jitter: int = 0     # training: a gap of U{0..J} 1D positions before each image's <boi>
-    #   (`sequence.layout_document(image_gaps=)`): the caption is read by what it says, not where it sits (README)
+    #   (`sequence.layout_document(image_gaps=)`): the caption is read by what it says, not where it sits (docs/drawing.md)
     max_text_tokens: int = 128    # longer text segments are truncated (counted and logged)
     trim_pads: bool = False       # cut each batch to its longest row (sequence.trim_pads): fewer tokens when rows hold
                                   # one short document; L then varies by batch (CPU; flex kernels want one L)
@@ -164,8 +164,8 @@ class ObjectiveConfig:
     t_shift: float = 1.0         # SD3 time shift of the uniform t draw (`imm.shift_time`): > 1 trains more near noise,
     #   where a scene's layout is decided (3: half the draws above t = 0.75); 1 = the paper's uniform t
     imm_sampler: Literal["pushforward", "restart"] = "pushforward"  # an IMM run's default sampler (`nextx t2i`,
-    #   evals, sample grids; a flow run samples with Euler): restart re-noises each step's clean estimate (README
-    #   "Drawing the scene"). Every run's sampling grid is shifted by its t_shift (`imm.sampling_times`)
+    #   evals, sample grids; a flow run samples with Euler): restart re-noises each step's clean estimate
+    #   (docs/drawing.md). Every run's sampling grid is shifted by its t_shift (`imm.sampling_times`)
     cfg_drop: float = 0.1        # probability of replacing a document's text condition by the null prompt
     null_prompt: Literal["hidden", "pad"] = "hidden"  # the null prompt (`objective.null_prompt`): "hidden" takes
     #   the caption out of the sequence, so its length cannot leak the count; "pad" replaces its ids by <pad> in place

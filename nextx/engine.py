@@ -431,7 +431,7 @@ def cpu_compiler() -> str | None:
 def compile_blocks(model: torch.nn.Module, device: torch.device) -> None:
     """dist.compile: torch.compile each transformer block (`model.layers`). On CPU inductor writes C++ kernels, so
     without a compiler this is a ConfigError naming the fix, not an inductor traceback at the first step. On 2 CPU
-    cores it makes a demo step 1.18x faster (README "Where a step's time goes")."""
+    cores it makes a demo step 1.18x faster (docs/drawing.md "Where a step's time goes")."""
     if device.type == "cpu" and cpu_compiler() is None:
         raise ConfigError("dist.compile=true on CPU needs a C++ compiler for torch inductor (g++, or the one `CXX` "
                           "names) and none was found: install one (e.g. apt-get install g++) or set "

@@ -149,7 +149,7 @@ def sample_t_s(n: int, *, T: float = T_MAX, eps: float = 0.0, mode: str = "unifo
 
     mode "uniform" ([P] App. C.7, Table 5; the default): t ~ U(eps, T), s | t ~ U(eps, t). With `shift` != 1,
     t = eps + (T - eps) shift_time(u, shift), u ~ U(0, 1): more draws near T, where the layout of a scene is decided
-    (README "Drawing the scene"); s | t stays U(eps, t).
+    (docs/drawing.md); s | t stays U(eps, t).
     mode "lognormal" (docs/imm.md §1 [U]): log eta_t ~ N(P_mean, P_std^2) truncated to [log eta(eps), log eta(T)],
     then log eta_s from the same normal truncated to [log eta(eps), log eta_t], both by inverse CDF. eta(eps) is
     floored at ETA_TINY (eps = 0 has log eta = -inf). Unlike [U], the lower bound is a log (see docs/imm.md §1 quirk).

@@ -290,7 +290,7 @@ def spread(v: torch.Tensor, ni: torch.Tensor, run: int | None) -> torch.Tensor:
     """(n_img, X) per-image rows -> (n_noise, X), row ni[j] for noise token j. With `run` (`noise_runs`) the row of
     each block's image is repeated run times by an expand, whose gradient is a sum over the block; a
     gather's gradient is a scatter-add into n_img rows, which compiled CPU kernels serialise (3 ms a block backward
-    at the demo's dims; README "nextx flow against the reference")."""
+    at the demo's dims; docs/drawing.md "nextx flow against the reference")."""
     if run is None:
         return v.index_select(0, ni)
     own = ni[::run]                                                       # (n / run,) the image of each block
