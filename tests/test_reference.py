@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from data_tools.shapes import make_documents, parse_caption, parse_weights
+from data_tools.shapes import GAP, make_documents, parse_caption, parse_weights
 from data_tools.shapes import main as shapes_main
 from evals.shapes_eval import grid_columns, labelled_grid, score_with_chance
 from nextx.cli import _call
@@ -65,6 +65,10 @@ def test_position_jitter_centres_train_objects_only():
                       for o in d.meta["objects"]]                                       # the default, exactly
     assert np.ptp(np.asarray([c for cell, c in moving if cell == "center"]), axis=0).min() > 0.1
     assert centres(0.0, "heldout") == centres(1.0, "heldout")
+    for d in make_documents(30, seed=6, size=32, object_weights=(0, 0, 1), position_jitter=0.0):  # still apart
+        boxes = [o["box"] for o in d.meta["objects"]]
+        assert len(boxes) == 3 and all(max(b[0] - a[2], a[0] - b[2], b[1] - a[3], a[1] - b[3]) >= GAP - 1e-4
+                                       for i, a in enumerate(boxes) for b in boxes[i + 1:])
     with pytest.raises(ValueError, match="position_jitter"):
         next(make_documents(1, position_jitter=1.5))
 
