@@ -23,7 +23,7 @@ Re-runs reuse what exists: a data stage whose output directory is there is skipp
 shards generated with other settings, e.g. by an older demo, are rebuilt with the tokenizers after them),
 and training resumes from the run's last checkpoint (the recipe saves every train.save_every steps; a finished
 run returns at once); a run trained with another recipe (an older demo's) is moved aside to runs/demo-N, not
-deleted. --force rebuilds everything.
+deleted; so is a run trained on shards that were rebuilt. --force rebuilds everything.
 """
 
 from __future__ import annotations
@@ -114,22 +114,26 @@ def _stale_shards(shards: Path, n: int, weights: str, position_rate: float, posi
     return ", ".join(f"{k} {have[k]} instead of {v}" for k, v in want.items() if have[k] != v)
 
 
-def _move_other_recipe(run: Path, train_args: list[str]) -> Path | None:
+def _move_other_recipe(run: Path, train_args: list[str], data_changed: str = "") -> Path | None:
     """A run in `run` trained with another recipe (e.g. by an older demo: its model, data, objective, optim, dist
-    or seed differ from what stage 6 would train) is moved aside to the first free runs/demo-N, whole, so stage 6
-    trains the current recipe and the older run stays readable. Returns where it went (None: nothing moved)."""
+    or seed differ from what stage 6 would train), or on shards the data stages have just rebuilt because they were
+    generated with other settings (`data_changed` says which: the paths are the same, the scenes are not), is moved
+    aside to the first free runs/demo-N, whole, so stage 6 trains the current recipe on the current data and the
+    older run stays readable. Returns where it went (None: nothing moved)."""
     from nextx.config import load_config
     from nextx.rundir import next_free
     from nextx.train import run_conflict
 
-    cfg = load_config(train_args[0], train_args[1:])
-    diff = run_conflict(cfg, run)
-    if not diff:
-        return None
+    if data_changed and run.exists():
+        why = f"was trained on data generated with other settings ({data_changed})"
+    else:
+        diff = run_conflict(load_config(train_args[0], train_args[1:]), run)
+        if not diff:
+            return None
+        why = f"was trained with another recipe (it differs in: {', '.join(diff)})"
     to = next_free(run)
     run.rename(to)
-    print(f"\n{run} was trained with another recipe (it differs in: {', '.join(diff)}): moved to {to}, nothing "
-          f"deleted; stage 6 trains the current one", flush=True)
+    print(f"\n{run} {why}: moved to {to}, nothing deleted; stage 6 trains the current one", flush=True)
     return to
 
 
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     eager = [] if cpu_compiler() else ["dist.compile=false"]
     train_args = [a.config, "name=demo", f"run_dir={a.run_dir}", *data_over, *eager, *a.overrides]
-    _move_other_recipe(run, train_args)
+    _move_other_recipe(run, train_args, "" if a.force else stale)
     if eager:
         print("\n   no C++ compiler found (g++, or $CXX): compiled blocks (dist.compile) need one, so this run trains "
               "eager blocks, ~1.2x slower a step (fewer steps in --minutes). Install g++ to compile.", flush=True)

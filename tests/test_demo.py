@@ -44,3 +44,8 @@ def test_a_run_of_another_recipe_is_moved_aside_whole(tmp_path):
     to = _move_other_recipe(run, args)
     assert to == tmp_path / "demo-2" and not run.exists()
     assert (to / "metrics.jsonl").read_text() == "{}\n"                          # moved whole, nothing deleted
+    run.mkdir()                                 # the same recipe, but the data stages were just rebuilt under it
+    save_config(load_config(recipe, args[1:]), run / "config.yaml")
+    assert _move_other_recipe(run, args, data_changed="") is None and run.is_dir()
+    assert _move_other_recipe(run, args, data_changed="position_jitter 1.0 instead of 0.0") == tmp_path / "demo-3"
+    assert not run.exists() and _move_other_recipe(run, args, data_changed="x") is None          # nothing there
