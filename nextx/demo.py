@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     eager = [] if cpu_compiler() else ["dist.compile=false"]
     train_args = [a.config, "name=demo", f"run_dir={a.run_dir}", *data_over, *eager, *a.overrides]
-    _move_other_recipe(run, train_args, "" if a.force else stale)
+    _move_other_recipe(run, train_args, stale)        # after --force there is no run left to move
     if eager:
         print("\n   no C++ compiler found (g++, or $CXX): compiled blocks (dist.compile) need one, so this run trains "
               "eager blocks, ~1.2x slower a step (fewer steps in --minutes). Install g++ to compile.", flush=True)
