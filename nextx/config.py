@@ -163,6 +163,8 @@ class ObjectiveConfig:
     time_sampling: Literal["uniform", "lognormal"] = "uniform"  # paper: t ~ U(eps,T), s|t ~ U(eps,t)
     t_shift: float = 1.0         # SD3 time shift of the uniform t draw (`imm.shift_time`): > 1 trains more near noise,
     #   where a scene's layout is decided (3: half the draws above t = 0.75); 1 = the paper's uniform t
+    s_eps_share: float = 0.0     # share of the IMM draws whose s is eps (`imm.sample_t_s`): the clean-estimate jump,
+    #   the only s the restart sampler asks for; 0 = the paper's s | t ~ U(eps, t)
     imm_sampler: Literal["pushforward", "restart"] = "pushforward"  # an IMM run's default sampler (`nextx t2i`,
     #   evals, sample grids; a flow run samples with Euler): restart re-noises each step's clean estimate
     #   (docs/drawing.md). Every run's sampling grid is shifted by its t_shift (`imm.sampling_times`)
@@ -180,6 +182,7 @@ class ObjectiveConfig:
         _require(self.group_size >= 1, f"{p}.group_size", "must be >= 1")
         _require(0.0 <= self.cfg_drop < 1.0, f"{p}.cfg_drop", "must be in [0, 1)")
         _require(self.t_shift > 0, f"{p}.t_shift", f"must be > 0 (1 = no shift), got {self.t_shift}")
+        _require(0.0 <= self.s_eps_share <= 1.0, f"{p}.s_eps_share", f"must be in [0, 1], got {self.s_eps_share}")
         _require(self.t_shift == 1.0 or self.time_sampling == "uniform", f"{p}.t_shift",
                  "applies to time_sampling=uniform only")
         _require(self.text_weight >= 0 and self.image_weight >= 0, f"{p}.text_weight/image_weight", "must be >= 0")

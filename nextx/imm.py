@@ -144,7 +144,8 @@ def shift_time(u: torch.Tensor, shift: float) -> torch.Tensor:
 
 def sample_t_s(n: int, *, T: float = T_MAX, eps: float = 0.0, mode: str = "uniform",
                generator: torch.Generator | None = None, device=None,
-               P_mean: float = -1.1, P_std: float = 2.0, shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+               P_mean: float = -1.1, P_std: float = 2.0, shift: float = 1.0,
+               s_eps_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw n pairs (t, s), eps <= s <= t <= T. Returns t, s, each (n,) float64 on `device` (default: CPU).
 
     mode "uniform" ([P] App. C.7, Table 5; the default): t ~ U(eps, T), s | t ~ U(eps, t). With `shift` != 1,
@@ -153,10 +154,15 @@ def sample_t_s(n: int, *, T: float = T_MAX, eps: float = 0.0, mode: str = "unifo
     mode "lognormal" (docs/imm.md §1 [U]): log eta_t ~ N(P_mean, P_std^2) truncated to [log eta(eps), log eta(T)],
     then log eta_s from the same normal truncated to [log eta(eps), log eta_t], both by inverse CDF. eta(eps) is
     floored at ETA_TINY (eps = 0 has log eta = -inf). Unlike [U], the lower bound is a log (see docs/imm.md §1 quirk).
+    s_eps_share: the share of pairs whose s is then set to eps, each pair by a third uniform draw u_2 < s_eps_share
+    (drawn only when the share is > 0, so share 0 leaves the random stream as it was): the jump to the clean
+    estimate, the only s the restart sampler asks for (`sampler_s`).
     Randomness comes from `generator` (drawn on its device, then moved to `device`).
     """
     if not 0.0 <= eps < T < 1.0:
         raise ValueError(f"need 0 <= eps < T < 1, got eps={eps}, T={T}")
+    if not 0.0 <= s_eps_share <= 1.0:
+        raise ValueError(f"s_eps_share must be in [0, 1], got {s_eps_share}")
     gen_device = generator.device if generator is not None else (device if device is not None else "cpu")
     u = torch.rand(2, n, generator=generator, dtype=torch.float64, device=gen_device).to(device)  # (2, n)
     if mode == "uniform":
@@ -173,6 +179,9 @@ def sample_t_s(n: int, *, T: float = T_MAX, eps: float = 0.0, mode: str = "unifo
         s = torch.minimum(t_of_eta(torch.exp(log_eta_s)).clamp(min=eps), t)
     else:
         raise ValueError(f"unknown time sampling mode {mode!r} (expected 'uniform' or 'lognormal')")
+    if s_eps_share > 0:
+        at_eps = torch.rand(n, generator=generator, dtype=torch.float64, device=gen_device).to(device) < s_eps_share
+        s = torch.where(at_eps, torch.full_like(s, eps), s)
     return t, s
 
 

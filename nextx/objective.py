@@ -90,7 +90,7 @@ def _image_times(batch: Batch, cfg: ObjectiveConfig, generator: torch.Generator 
         r[gen] = tg
         return t, s, r, groups
     tg, sg = imm.sample_t_s(len(groups), T=cfg.T, eps=cfg.eps, mode=cfg.time_sampling, generator=generator,
-                                shift=cfg.t_shift)
+                                shift=cfg.t_shift, s_eps_share=cfg.s_eps_share)
     rg = imm.r_of(sg, tg, k=k, min_gap=cfg.min_gap, T=cfg.T, eps=cfg.eps)
     for g, idx in enumerate(groups):
         t[idx], s[idx], r[idx] = tg[g], sg[g], rg[g]

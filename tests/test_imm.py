@@ -374,3 +374,22 @@ def test_time_shift_moves_t_toward_noise():
         imm.sample_t_s(4, mode="lognormal", shift=3.0)
     with pytest.raises(ValueError, match="> 0"):
         imm.shift_time(u, 0.0)
+
+
+def test_s_eps_share_sets_a_share_of_s_to_eps():
+    """s_eps_share p: t as without it (the same first draws), s = eps where a third uniform draw is < p, and the
+    paper's s | t ~ U(eps, t) elsewhere, the very values drawn without it; 0 leaves the stream alone."""
+    g0, g1, g2 = (torch.Generator().manual_seed(5) for _ in range(3))
+    t0, s0 = imm.sample_t_s(20000, eps=0.01, generator=g0, shift=3.0)
+    t1, s1 = imm.sample_t_s(20000, eps=0.01, generator=g1, shift=3.0, s_eps_share=0.25)
+    assert torch.equal(t1, t0)
+    g2.manual_seed(5)
+    torch.rand(2, 20000, generator=g2, dtype=torch.float64)                          # the (t, s) draws
+    at_eps = torch.rand(20000, generator=g2, dtype=torch.float64) < 0.25             # the third draw, by hand
+    assert torch.equal(s1[at_eps], torch.full_like(s1[at_eps], 0.01))
+    assert torch.equal(s1[~at_eps], s0[~at_eps])
+    assert abs(float(at_eps.double().mean()) - 0.25) < 0.01
+    t_all, s_all = imm.sample_t_s(100, eps=0.0, generator=torch.Generator().manual_seed(1), s_eps_share=1.0)
+    assert torch.equal(s_all, torch.zeros(100, dtype=torch.float64)) and (t_all > 0).all()
+    with pytest.raises(ValueError, match="s_eps_share"):
+        imm.sample_t_s(4, s_eps_share=1.5)
