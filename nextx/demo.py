@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(compose=COMPOSE, regions=REGIONS)
     p.add_argument("--best-of", type=int, default=BEST_OF, help="draw each image N times in the evaluation and keep "
                    f"the one the model finds likeliest to be captioned by its prompt (default {BEST_OF}; 1: the first)")
-    p.add_argument("--minutes", type=float, default=9.0, help="cap on the training wall time (default 9); the "
+    p.add_argument("--minutes", type=float, default=11.0, help="cap on the training wall time (default 11); the "
                    "recipe's train.steps is the other bound")
     p.add_argument("--eval-n", type=int, default=200, help="held-out prompts scored at 1/2/4/8 steps")
     p.add_argument("--run-dir", default="runs", help="where the demo run goes (default: runs/demo)")
