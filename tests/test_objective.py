@@ -124,6 +124,21 @@ def test_image_times_groups_share_s_r_t(kind):
             assert torch.equal(s[g], t[g])
 
 
+def test_s_eps_share_one_trains_every_group_at_s_eps_with_r_from_it():
+    """objective.s_eps_share 1 (the demo): every group's s is eps, t is what the share-0 draw gives, and r = r_of(eps,
+    t) (with k 4, r = eps wherever eta_t < eta_max / 16, i.e. t < 0.912: the data itself is the target)."""
+    b = _batch(rows=4)
+    base = ObjectiveConfig(group_size=1, k=4, eps=0.0)
+    cfg = ObjectiveConfig(group_size=1, k=4, eps=0.0, s_eps_share=1.0)
+    t0, _, _, _ = _image_times(b, base, torch.Generator().manual_seed(1), cfg.k)
+    t, s, r, groups = _image_times(b, cfg, torch.Generator().manual_seed(1), cfg.k)
+    gen = b.image_generate.nonzero(as_tuple=True)[0]
+    assert len(gen) >= 2 and torch.equal(t, t0) and (s[gen] == 0).all()
+    assert torch.equal(r[gen], imm.r_of(s[gen], t[gen], k=4))
+    low = t[gen] < 0.91
+    assert low.any() and (r[gen][low] == 0).all()
+
+
 def _noise_values(v, b, i):
     """(B, L, C) -> (N, C) noise-split values of batch image i."""
     at = (b.img == i) & (b.kind == NOISE)
