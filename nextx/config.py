@@ -183,6 +183,8 @@ class ObjectiveConfig:
         _require(0.0 <= self.cfg_drop < 1.0, f"{p}.cfg_drop", "must be in [0, 1)")
         _require(self.t_shift > 0, f"{p}.t_shift", f"must be > 0 (1 = no shift), got {self.t_shift}")
         _require(0.0 <= self.s_eps_share <= 1.0, f"{p}.s_eps_share", f"must be in [0, 1], got {self.s_eps_share}")
+        _require(self.s_eps_share < 1.0 or self.kind == "flow" or self.imm_sampler == "restart", f"{p}.s_eps_share",
+                 "1 trains at s = eps alone, which only the restart sampler asks for: set objective.imm_sampler=restart")
         _require(self.t_shift == 1.0 or self.time_sampling == "uniform", f"{p}.t_shift",
                  "applies to time_sampling=uniform only")
         _require(self.text_weight >= 0 and self.image_weight >= 0, f"{p}.text_weight/image_weight", "must be >= 0")

@@ -58,18 +58,29 @@ class Pipeline:
 
     model: a NextX in eval mode; text_tok / image_tok: the run's tokenizers; special: their SpecialIds (from
     text_tok when None); sigma_d, T, eps, null_prompt: the objective's; sampler, steps, cfg_scale: the defaults of
-    the image sampler."""
+    the image sampler; restart_only: the model was trained at s = eps alone (objective.s_eps_share 1), so a sampler
+    that asks for another s (pushforward: s = t_next; euler: s = t) is refused, not run on times it never saw."""
 
     def __init__(self, model, text_tok, image_tok, special: SpecialIds | None = None, device=None, *,
                  sigma_d: float = imm.SIGMA_D, T: float = imm.T_MAX, eps: float = 0.0, sampler: str = "pushforward",
-                 steps: int = 4, cfg_scale: float = 1.0, null_prompt: str = "hidden", shift: float = 1.0):
+                 steps: int = 4, cfg_scale: float = 1.0, null_prompt: str = "hidden", shift: float = 1.0,
+                 restart_only: bool = False):
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
         self.text_tok, self.image_tok = text_tok, image_tok.to(self.device)
         self.special = special or SpecialIds.from_tokenizer(text_tok)
         self.sigma_d, self.T, self.eps = sigma_d, T, eps
         self.sampler, self.steps, self.cfg_scale, self.shift = sampler, steps, cfg_scale, shift
-        self.null_prompt = null_prompt
+        self.null_prompt, self.restart_only = null_prompt, restart_only
+        self._check_sampler(sampler)
+
+    def _check_sampler(self, sampler: str) -> None:
+        if self.restart_only and sampler != "restart":
+            from nextx.errors import UserError
+
+            raise UserError(f"sampler {sampler!r}: this model was trained at s = eps only (objective.s_eps_share 1), "
+                             "the clean-estimate jump of the restart sampler; another sampler asks it for times it "
+                             "never saw. Use the restart sampler (--sampler restart)")
 
     @classmethod
     def from_run(cls, run, device="cpu", *, ema: bool = False) -> "Pipeline":
@@ -91,7 +102,8 @@ class Pipeline:
         flow = o.kind == "flow"
         return cls(model, text_tok, image_tok, special, device, sigma_d=o.sigma_d, T=o.T, eps=o.eps,
                    sampler="euler" if flow else o.imm_sampler, steps=50 if flow else 4,
-                   cfg_scale=1.5 if o.cfg_drop > 0 else 1.0, null_prompt=o.null_prompt, shift=o.t_shift)
+                   cfg_scale=1.5 if o.cfg_drop > 0 else 1.0, null_prompt=o.null_prompt, shift=o.t_shift,
+                   restart_only=not flow and o.s_eps_share == 1.0)
 
     def grid_shift(self, schedule: str, shift: float | None = None) -> float:
         """The time shift a sampler on `schedule` uses: `shift`, or the pipeline's default for the uniform schedule
@@ -102,6 +114,7 @@ class Pipeline:
 
     def _image_kw(self, steps, cfg_scale, sampler, schedule, shift=None) -> dict:
         """Sampler keywords: each None takes the pipeline's default."""
+        self._check_sampler(sampler or self.sampler)
         return dict(steps=steps or self.steps, sampler=sampler or self.sampler, schedule=schedule,
                     shift=self.grid_shift(schedule, shift),
                     sigma_d=self.sigma_d, T=self.T, eps=self.eps, null_prompt=self.null_prompt,

@@ -46,6 +46,7 @@ def test_overrides_and_types(tmp_path):
     (["objective.eps=0.5", "objective.T=0.4"], r"objective\.eps/T: need 0 <= eps < T < 1"),
     (["data.t2i_ratio=1.5"], r"data\.t2i_ratio: must be in \[0, 1\]"),
     (["objective.s_eps_share=-0.1"], r"objective\.s_eps_share: must be in \[0, 1\], got -0\.1"),
+    (["objective.s_eps_share=1"], r"objective\.s_eps_share: 1 trains at s = eps alone.*imm_sampler=restart"),
     (["dist.zero_stage=4"], r"dist\.zero_stage: must be 0, 1, 2 or 3"),
     (["dist.engine=plain", "dist.zero_stage=2"], r"dist\.engine: 'plain' has no ZeRO"),
     (["objective.text_weight=0", "data.t2i_ratio=0.5"], r"objective\.text_weight: is 0"),

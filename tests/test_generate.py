@@ -652,6 +652,7 @@ def test_pipeline_samples_as_the_run_trained(run_dir):
     from dataclasses import replace
 
     from nextx.checkpoint import load_for_inference
+    from nextx.errors import UserError
     from nextx.infer import Pipeline
 
     model, cfg, text_tok, image_tok, special = load_for_inference(run_dir / "r")
@@ -666,6 +667,18 @@ def test_pipeline_samples_as_the_run_trained(run_dir):
     assert g.t2i(["blue"], schedule="edm", **kw).shape == (1, 3, 8, 8)
     with pytest.raises(ValueError, match="uniform schedule only"):
         g.t2i(["blue"], schedule="edm", shift=3.0, **kw)
+    # a run trained at s = eps alone (objective.s_eps_share 1) samples with restart; another sampler is refused
+    only = replace(cfg, objective=replace(cfg.objective, s_eps_share=1.0))
+    g = Pipeline.from_model(model, only, text_tok, image_tok, special)
+    assert torch.equal(default, g.t2i(["a red circle", "blue"], **kw))
+    for sampler in ("pushforward", "euler"):
+        with pytest.raises(UserError, match=f"sampler '{sampler}': this model was trained at s = eps only"):
+            g.t2i(["blue"], sampler=sampler, **kw)
+    with pytest.raises(UserError, match="--sampler restart"):
+        Pipeline.from_model(model, replace(only, objective=replace(only.objective, imm_sampler="pushforward")),
+                            text_tok, image_tok, special)
+    flow = replace(only, objective=replace(only.objective, kind="flow"))
+    assert Pipeline.from_model(model, flow, text_tok, image_tok, special).sampler == "euler"   # flow: s = t
 
 
 def test_cli_help():
