@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             image_tok = pipe.image_tok
             n_tok = image_tok.grid[0] * image_tok.grid[1]
             with record_attention(n_tok, store):
-                pipe.t2i(PROMPTS, steps=1, sampler="pushforward", cfg_scale=1.0)
+                # one step from T: restart and pushforward are the same map (s = eps), and restart is the one
+                # sampler every IMM run accepts (a run trained at s = eps alone refuses the others)
+                pipe.t2i(PROMPTS, steps=1, sampler="restart", cfg_scale=1.0)
     if not store:
         raise SystemExit("no attention call over an image was seen (is the model's attention backend sdpa?)")
     for i, probs in enumerate(store):
