@@ -72,9 +72,11 @@ class Pipeline:
         self.sigma_d, self.T, self.eps = sigma_d, T, eps
         self.sampler, self.steps, self.cfg_scale, self.shift = sampler, steps, cfg_scale, shift
         self.null_prompt, self.restart_only = null_prompt, restart_only
-        self._check_sampler(sampler)
+        self._check_trained_for(sampler)
 
-    def _check_sampler(self, sampler: str) -> None:
+    def _check_trained_for(self, sampler: str) -> None:
+        """Refuse a sampler whose s the model never trained on (see `restart_only`); names are checked by
+        `generate.refine`."""
         if self.restart_only and sampler != "restart":
             from nextx.errors import UserError
 
@@ -114,7 +116,7 @@ class Pipeline:
 
     def _image_kw(self, steps, cfg_scale, sampler, schedule, shift=None) -> dict:
         """Sampler keywords: each None takes the pipeline's default."""
-        self._check_sampler(sampler or self.sampler)
+        self._check_trained_for(sampler or self.sampler)
         return dict(steps=steps or self.steps, sampler=sampler or self.sampler, schedule=schedule,
                     shift=self.grid_shift(schedule, shift),
                     sigma_d=self.sigma_d, T=self.T, eps=self.eps, null_prompt=self.null_prompt,
