@@ -111,6 +111,8 @@ class DataConfig:
     noise_copies: int = 1         # noise splits per generated image (objective.grouping=copies: the M particles)
     image_pos_jitter: int = 0     # training: a gap of U{0..J} 1D positions before each image's <boi>
     #   (`sequence.layout_document(image_gaps=)`): the caption is read by what it says, not where it sits (docs/drawing.md)
+    caption_cut: float = 0.0      # training: the share of caption->image documents whose caption is cut to its
+    #   first 1..n-1 words (`data.cut_caption`): prompts that say less than the captions (no place) stay in distribution
     max_text_tokens: int = 128    # longer text segments are truncated (counted and logged)
     trim_pads: bool = False       # cut each batch to its longest row (sequence.trim_pads): fewer tokens when rows hold
                                   # one short document; L then varies by batch (CPU; flex kernels want one L)
@@ -134,6 +136,7 @@ class DataConfig:
         for k in ("shuffle_buffer", "num_workers"):
             _require(getattr(self, k) >= 0, f"{p}.{k}", f"must be >= 0, got {getattr(self, k)}")
         _require(self.noise_copies >= 1, f"{p}.noise_copies", f"must be >= 1, got {self.noise_copies}")
+        _require(0.0 <= self.caption_cut <= 1.0, f"{p}.caption_cut", f"must be in [0, 1], got {self.caption_cut}")
         _require(self.image_pos_jitter >= 0, f"{p}.image_pos_jitter", f"must be >= 0, got {self.image_pos_jitter}")
         _require(self.max_bad_samples >= 0 and 0 <= self.max_bad_fraction <= 1, f"{p}.max_bad_samples/fraction",
                  f"must be >= 0 and in [0, 1], got {self.max_bad_samples} and {self.max_bad_fraction}")

@@ -208,6 +208,23 @@ def choose_layout(segments: list, is_pair: bool, *, t2i_ratio: float, rng: rando
     return segments
 
 
+def cut_caption(segments: list, word_starts, *, rate: float, rng: random.Random) -> list:
+    """A caption->image document [text ids, ImageTokens(generate=True)] -> with probability `rate` the same with its
+    caption cut to a whole-word prefix (`data.caption_cut`): 1 to n-1 of its n words, uniformly; so a prompt that
+    says less than the training captions (no place, no size) is one the model has seen. word_starts(ids) -> the
+    indices where a word begins (`TextTokenizer.word_starts`). Anything else, and a one-word caption, is returned as
+    it is. One rng draw per caption->image document, a second when cut; none at rate 0."""
+    if (rate <= 0 or len(segments) != 2 or isinstance(segments[0], ImageTokens)
+            or not isinstance(segments[1], ImageTokens) or not segments[1].generate):
+        return segments
+    if rng.random() >= rate:
+        return segments
+    starts = word_starts(segments[0])
+    if len(starts) < 2:
+        return segments
+    return [segments[0][:starts[rng.randint(1, len(starts) - 1)]], segments[1]]
+
+
 def _laid_out(tokenized: tuple[list, bool, int], t2i_ratio: float, rng: random.Random, stats: dict) -> list:
     """(segments, is_pair, truncated texts) -> the segments in their drawn layout; truncations counted in stats."""
     segs, is_pair, truncated = tokenized
@@ -328,6 +345,7 @@ class PackedRows(torch.utils.data.IterableDataset):
         for sample in shuffled(self._samples(shards, stride, reader, stats), cfg.shuffle_buffer, rng):
             try:
                 segs = _laid_out(self._tokenized(sample, text_tok, image_tok), cfg.t2i_ratio, rng, stats)
+                segs = cut_caption(segs, text_tok.word_starts, rate=cfg.caption_cut, rng=rng)
                 if not segs:
                     raise BadSample(f"{sample['__key__']}: no text or image left after tokenization")
                 J = cfg.image_pos_jitter

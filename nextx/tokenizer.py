@@ -193,6 +193,21 @@ class TextTokenizer:
                 parts.append(self._names[i])
         return "".join(parts)
 
+    def word_starts(self, ids: Sequence[int]) -> list[int]:
+        """Indices of the tokens of `ids` (one text's ids, no specials) that begin a whitespace-separated word: 0,
+        then every j whose text, decoded after ids[:j], starts with whitespace. By decoding, so it holds for any
+        backend (SentencePiece's "▁", byte-level BPE's "Ġ", WordPiece's "##" alike). ids[:j] for each returned
+        j > 0 is then a whole-word prefix of the text."""
+        ids = list(ids)
+        starts = [0] if ids else []
+        prev = ""
+        for j in range(1, len(ids) + 1):
+            cur = self.decode(ids[:j])
+            if j > 1 and cur[len(prev):len(prev) + 1].isspace() and cur.startswith(prev):
+                starts.append(j - 1)
+            prev = cur
+        return starts
+
     def decode_batch(self, batch, *, skip_special: bool = True) -> list[str]:
         """A list of id lists, or a 2-D tensor/array -> one text per row."""
         return [self.decode(ids, skip_special=skip_special) for ids in batch]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
+from nextx import data as data_mod
 from nextx.config import load_config
 from nextx.data import PackedRows, Reader, build_loader, raw_samples, shard_order, shuffled
 from nextx.documents import Document, Image, Text, write_shards
@@ -224,6 +225,52 @@ def test_image_pos_jitter_leaves_gaps_of_0_to_j_before_each_image(shard_env):
     assert len(jittered) == len(plain) and set(jittered) == {0, 1, 2, 3, 4}
     with pytest.raises(Exception, match="image_pos_jitter"):
         _cfg(shard_env, **{"data.image_pos_jitter": -1})
+
+
+def test_cut_caption_keeps_a_whole_word_prefix_at_its_rate():
+    from nextx.sequence import ImageTokens
+
+    im = ImageTokens(np.zeros((4, 3), np.float32), (2, 2), generate=True)
+    ids = [5, 6, 7, 8, 9]
+    starts = lambda x: [0, 2, 3]                        # noqa: E731  three words: [5 6] [7] [8 9]
+    cuts = Counter()
+    rng = random.Random(0)
+    for _ in range(4000):
+        out = data_mod.cut_caption([ids, im], starts, rate=0.25, rng=rng)
+        assert out[1] is im
+        cuts[tuple(out[0])] += 1
+    assert set(cuts) == {(5, 6, 7, 8, 9), (5, 6), (5, 6, 7)}                      # whole words, never all cut
+    assert abs(cuts[(5, 6)] / 4000 - 0.125) < 0.02 and abs(cuts[(5, 6, 7)] / 4000 - 0.125) < 0.02
+    # left as they are: image->caption, a one-word caption, rate 0 (which draws nothing)
+    ctx = ImageTokens(im.tokens, im.grid, generate=False)
+    for segs, fn in (([ctx, ids], starts), ([ids, im], lambda x: [0]), ([ids], starts)):
+        assert data_mod.cut_caption(segs, fn, rate=1.0, rng=random.Random(0)) == segs
+    rng = random.Random(1)
+    assert data_mod.cut_caption([ids, im], starts, rate=0.0, rng=rng) == [ids, im]
+    assert rng.random() == random.Random(1).random()
+
+
+def test_caption_cut_trains_on_word_prefixes_of_the_captions(shard_env):
+    from nextx.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(shard_env / "text")
+    docs = {" ".join(d.texts[0].split()) for d in _docs(60)}
+
+    def captions(rows):
+        out = []
+        for r in rows:
+            for d in np.unique(r.doc[r.doc >= 0]):
+                m = (r.doc == d) & (r.kind == TEXT) & (r.ids != tok.bos_id) & (r.ids != tok.boi_id)
+                out.append(tok.decode(r.ids[m].tolist()))
+        return out
+
+    plain = captions(_rows(_cfg(shard_env, **{"data.t2i_ratio": 1.0}), 0))
+    cut = captions(_rows(_cfg(shard_env, **{"data.t2i_ratio": 1.0, "data.caption_cut": 1.0}), 0))
+    assert plain and set(plain) <= docs
+    assert len(cut) == len(plain) and not set(cut) & docs                          # every caption cut
+    assert all(any(d.startswith(c + " ") for d in docs) for c in cut)              # ... to a whole-word prefix
+    with pytest.raises(Exception, match="caption_cut"):
+        _cfg(shard_env, **{"data.caption_cut": 1.5})
 
 
 def test_same_seed_same_rows(shard_env):

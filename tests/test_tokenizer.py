@@ -112,6 +112,21 @@ def test_batch_api_and_rendering_specials(tok):
         tok.decode(padded)
 
 
+def _check_word_starts(t, texts):
+    """Each whole-word prefix of a single-spaced text is the decode of the ids before one of its word starts."""
+    for text in texts:
+        words, ids = text.split(" "), t.encode(text)
+        starts = t.word_starts(ids)
+        assert starts[0] == 0 and len(starts) == len(words), (text, starts)
+        assert [t.decode(ids[:j]) for j in starts[1:] + [len(ids)]] == [" ".join(words[:k])
+                                                                        for k in range(1, len(words) + 1)]
+    assert t.word_starts([]) == []
+
+
+def test_word_starts_are_whole_word_prefixes(tok):
+    _check_word_starts(tok, CORPUS[:50] + ["digits 0123456789 and 42", "café naïve 漢字 Ωμέγα", "grinning"])
+
+
 def test_training_is_deterministic(tmp_path):
     a = train_sentencepiece(CORPUS, tmp_path / "a", vocab_size=96, seed=3)
     b = train_sentencepiece(iter(CORPUS), tmp_path / "b", vocab_size=96, seed=3)
@@ -177,6 +192,7 @@ def test_load_hf_bpe_dir_adds_specials_with_stable_ids(tmp_path):
     for text in CORPUS[:3] + EXTRA:
         ids = t.encode(text, bos=True, eos=True)
         assert t.decode(ids) == text and not set(ids[1:-1]) & t.special_ids
+    _check_word_starts(t, CORPUS[:50])  # byte-level BPE marks a word start with "\u0120", not "\u2581"
 
 
 def test_load_hf_llama_dir_matches_the_bare_model(llama_sp, tmp_path):
