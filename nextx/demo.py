@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(compose=COMPOSE, regions=REGIONS)
     p.add_argument("--best-of", type=int, default=BEST_OF, help="draw each image N times in the evaluation and keep "
                    f"the one the model finds likeliest to be captioned by its prompt (default {BEST_OF}; 1: the first)")
-    p.add_argument("--minutes", type=float, default=11.0, help="cap on the training wall time (default 11); the "
-                   "recipe's train.steps is the other bound")
+    p.add_argument("--minutes", type=float, default=10.0, help="cap on the training wall time (default 10, so the "
+                   "whole demo stays within 15 minutes on a slower 2-core machine); the recipe's train.steps is the "
+                   "other bound")
     p.add_argument("--eval-n", type=int, default=200, help="held-out prompts scored at 1/2/4/8 steps")
     p.add_argument("--run-dir", default="runs", help="where the demo run goes (default: runs/demo)")
     p.add_argument("--force", action="store_true", help="rebuild every stage's output and train from scratch")
