@@ -33,6 +33,7 @@ from PIL import Image as PILImage
 
 from nextx import generate, imm
 from nextx.documents import Document, Image, Text
+from nextx.errors import UserError
 from nextx.sequence import ImageTokens, SpecialIds
 
 
@@ -78,8 +79,6 @@ class Pipeline:
         """Refuse a sampler whose s the model never trained on (see `restart_only`); names are checked by
         `generate.refine`."""
         if self.restart_only and sampler != "restart":
-            from nextx.errors import UserError
-
             raise UserError(f"sampler {sampler!r}: this model was trained at s = eps only (objective.s_eps_share 1), "
                              "the clean-estimate jump of the restart sampler; another sampler asks it for times it "
                              "never saw. Use the restart sampler (--sampler restart)")
@@ -312,8 +311,6 @@ def _check(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per line (blank lines skipped) of a UTF-8 text file; an empty or undecodable file is an error."""
-    from nextx.errors import UserError
-
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

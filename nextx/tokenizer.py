@@ -199,11 +199,12 @@ class TextTokenizer:
         backend (SentencePiece's "▁", byte-level BPE's "Ġ", WordPiece's "##" alike). ids[:j] for each returned
         j > 0 is then a whole-word prefix of the text."""
         ids = list(ids)
-        starts = [0] if ids else []
-        prev = ""
-        for j in range(1, len(ids) + 1):
+        if not ids:
+            return []
+        starts, prev = [0], self.decode(ids[:1])
+        for j in range(2, len(ids) + 1):
             cur = self.decode(ids[:j])
-            if j > 1 and cur[len(prev):len(prev) + 1].isspace() and cur.startswith(prev):
+            if cur.startswith(prev) and cur[len(prev):len(prev) + 1].isspace():
                 starts.append(j - 1)
             prev = cur
         return starts
